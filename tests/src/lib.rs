@@ -1,0 +1,201 @@
+//! Helpers for the tests in `tests/tests/`: locating the `ssi-vmm` binary and the cached guest
+//! artifacts (built on demand by the repository's scripts), and running a guest while watching
+//! its console for markers, with a deadline.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The `ssi-vmm` binary: `$SSI_VMM_BIN`, else target/release, else target/debug (built first
+/// with `cargo build` if missing).
+pub fn vmm_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SSI_VMM_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"));
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("ssi-vmm");
+        if p.exists() {
+            return p;
+        }
+    }
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "-p", "vmm", "--bin", "ssi-vmm"])
+        .current_dir(repo_root())
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "cargo build of ssi-vmm failed");
+    target.join("debug").join("ssi-vmm")
+}
+
+/// Runs one of the repository's artifact scripts (cached builds) and returns the paths it
+/// prints on stdout.
+pub fn artifact(script: &str) -> Vec<PathBuf> {
+    let out = Command::new("bash")
+        .arg(repo_root().join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// The lean guest kernel (ELF vmlinux).
+pub fn lean_kernel() -> PathBuf {
+    artifact("guest-kernel-config/build.sh")
+        .pop()
+        .expect("kernel path")
+}
+
+/// The busybox test initramfs.
+pub fn initramfs() -> PathBuf {
+    artifact("images/build-initramfs.sh")
+        .pop()
+        .expect("initramfs path")
+}
+
+/// The guest command line the tests use (the VMM's default plus `extra`).
+pub fn cmdline(extra: &str) -> String {
+    format!(
+        "console=ttyS0 reboot=k panic=-1 tsc=reliable no_timer_check nokaslr noxsave nox2apic \
+         clearcpuid=ssse3,popcnt cryptomgr.notests rodata=off {extra}"
+    )
+}
+
+/// What a finished guest run produced.
+pub struct Run {
+    /// Everything the guest printed on the console.
+    pub console: String,
+    /// The VMM's stderr.
+    pub stderr: String,
+    /// Exit status (None if it was killed at the deadline).
+    pub status: Option<ExitStatus>,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// When each watched marker first appeared, relative to the start.
+    pub marks: Vec<(String, Duration)>,
+}
+
+impl Run {
+    /// The value after `KEY=` on the console, if printed.
+    pub fn value(&self, key: &str) -> Option<String> {
+        let k = format!("{key}=");
+        self.console
+            .lines()
+            .find_map(|l| l.find(&k).map(|i| l[i + k.len()..].trim().to_string()))
+    }
+
+    /// Time at which `marker` first appeared.
+    pub fn mark(&self, marker: &str) -> Option<Duration> {
+        self.marks
+            .iter()
+            .find(|(m, _)| m == marker)
+            .map(|(_, d)| *d)
+    }
+
+    /// Panics with the console tail unless the VMM exited with status 0.
+    pub fn assert_clean_exit(&self) {
+        let tail: String = self
+            .console
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            self.status.is_some_and(|s| s.success()),
+            "ssi-vmm did not exit cleanly ({:?}) after {:?}\n--- console tail ---\n{tail}\n--- stderr ---\n{}",
+            self.status,
+            self.elapsed,
+            self.stderr
+        );
+    }
+}
+
+/// Starts `ssi-vmm` with `args`, records when each of `markers` shows up on the console, and
+/// kills it at `deadline`.
+pub fn run_vmm(args: &[&str], markers: &[&str], deadline: Duration) -> Run {
+    let start = Instant::now();
+    let mut child: Child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ssi-vmm");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut console = String::new();
+    let mut marks = Vec::new();
+    let mut status = None;
+    loop {
+        let left = deadline.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(line) => {
+                for m in markers {
+                    if line.contains(m) && !marks.iter().any(|(x, _): &(String, Duration)| x == m) {
+                        marks.push((m.to_string(), start.elapsed()));
+                    }
+                }
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                status = child.wait().ok();
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if start.elapsed() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+    }
+    let _ = reader.join();
+    let stderr = err_reader.join().unwrap_or_default();
+    Run {
+        console,
+        stderr,
+        status,
+        elapsed: start.elapsed(),
+        marks,
+    }
+}

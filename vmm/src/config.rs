@@ -1,0 +1,215 @@
+//! Machine configuration: what `ssi-vmm run` was asked to build, validated before anything is
+//! created so that bad input gives a clear error and no half-built VM.
+
+use std::path::PathBuf;
+
+use crate::layout::{CMDLINE_MAX, MIN_MEMORY};
+
+/// Most vCPUs one machine may have (the MADT and the guest's NR_CPUS allow 256).
+pub const MAX_VCPUS: u8 = 255;
+/// Guest RAM set aside below an initrd for the kernel image (loaded at 16 MiB).
+pub const KERNEL_ROOM: u64 = 32 << 20;
+/// Largest guest RAM accepted (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Errors in a machine configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A size string could not be parsed.
+    #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix")]
+    BadSize(String),
+    /// Zero vCPUs.
+    #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    BadCpuCount(u32),
+    /// Too little or too much memory.
+    #[error("--memory must be between {} MiB and {} GiB, got {} bytes", MIN_MEMORY >> 20, MAX_MEMORY >> 30, .0)]
+    BadMemory(u64),
+    /// The memory size is not page aligned.
+    #[error("--memory must be a multiple of 4 KiB, got {0} bytes")]
+    UnalignedMemory(u64),
+    /// The command line is longer than the kernel accepts.
+    #[error("kernel command line is {0} bytes; the limit is {CMDLINE_MAX} including what ssi-vmm appends")]
+    CmdlineTooLong(usize),
+    /// A file named in the configuration cannot be opened.
+    #[error("cannot open {what} {path:?}: {source}")]
+    Unreadable {
+        /// What the file is for.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The initrd cannot fit in guest RAM next to a kernel.
+    #[error("initrd {path:?} is {size} bytes; it cannot fit in {memory} bytes of guest memory")]
+    InitrdTooLarge {
+        /// The path given.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Guest RAM.
+        memory: u64,
+    },
+    /// A disk image is not a regular file or block device.
+    #[error("disk {0:?} is not a regular file")]
+    DiskNotFile(PathBuf),
+    /// Too many disks for the IRQ lines we hand out.
+    #[error("at most {0} disks are supported")]
+    TooManyDisks(usize),
+}
+
+/// One virtio-blk disk.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Expose the disk read-only.
+    pub read_only: bool,
+}
+
+/// A validated machine configuration.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initrd / initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line given by the user (ssi-vmm appends what its devices need).
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// virtio-blk disks.
+    pub disks: Vec<DiskConfig>,
+    /// Where to write exit statistics as JSON when the VM stops.
+    pub stats_json: Option<PathBuf>,
+}
+
+/// The command line used when none is given: measured on this machine's emulating KVM, see
+/// `docs/ARCHITECTURE.md` ("Host quirks").
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 tsc=reliable no_timer_check \
+nokaslr noxsave nox2apic clearcpuid=ssse3,popcnt cryptomgr.notests rodata=off \
+i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Parses `512M`, `1G`, `1048576`, `2g` and the like into bytes.
+pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(Error::BadSize(s.to_string())),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| Error::BadSize(s.to_string()))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| Error::BadSize(s.to_string()))
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked before the VM is built.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.cpus == 0 || self.cpus > MAX_VCPUS {
+            return Err(Error::BadCpuCount(u32::from(self.cpus)));
+        }
+        if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY {
+            return Err(Error::BadMemory(self.memory));
+        }
+        if self.memory % 4096 != 0 {
+            return Err(Error::UnalignedMemory(self.memory));
+        }
+        if self.disks.len() > crate::layout::VIRTIO_IRQS.len() {
+            return Err(Error::TooManyDisks(crate::layout::VIRTIO_IRQS.len()));
+        }
+        let readable = |what, path: &PathBuf| {
+            std::fs::File::open(path)
+                .map(|_| ())
+                .map_err(|source| Error::Unreadable {
+                    what,
+                    path: path.clone(),
+                    source,
+                })
+        };
+        readable("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            readable("initrd", initrd)?;
+            let size = std::fs::metadata(initrd).map(|m| m.len()).unwrap_or(0);
+            // The kernel is loaded at 16 MiB; the initrd must fit above it in low memory.
+            let room = self
+                .memory
+                .min(crate::layout::INITRD_MAX_END)
+                .saturating_sub(KERNEL_ROOM);
+            if size > room {
+                return Err(Error::InitrdTooLarge {
+                    path: initrd.clone(),
+                    size,
+                    memory: self.memory,
+                });
+            }
+        }
+        for d in &self.disks {
+            let res = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!d.read_only)
+                .open(&d.path);
+            let f = res.map_err(|source| Error::Unreadable {
+                what: "disk",
+                path: d.path.clone(),
+                source,
+            })?;
+            if f.metadata().map(|m| m.is_dir()).unwrap_or(true) {
+                return Err(Error::DiskNotFile(d.path.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    fn base() -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::from("/proc/self/exe"),
+            initrd: None,
+            cmdline: String::new(),
+            memory: 256 << 20,
+            cpus: 1,
+            disks: vec![],
+            stats_json: None,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert!(base().validate().is_ok());
+        let mut c = base();
+        c.cpus = 0;
+        assert!(matches!(c.validate(), Err(Error::BadCpuCount(0))));
+        let mut c = base();
+        c.memory = 1 << 20;
+        assert!(matches!(c.validate(), Err(Error::BadMemory(_))));
+        let mut c = base();
+        c.kernel = PathBuf::from("/nonexistent/vmlinux");
+        assert!(matches!(c.validate(), Err(Error::Unreadable { .. })));
+    }
+}

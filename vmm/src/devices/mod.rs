@@ -1,0 +1,146 @@
+//! Emulated devices and the dispatch of PIO/MMIO exits to them.
+//!
+//! Port I/O: COM1 (16550, vm-superio), the i8042 reset line, the ACPI sleep registers.
+//! MMIO: the local APIC (per vCPU), the IOAPIC and virtio-mmio windows. Unclaimed reads return
+//! all-ones like an empty bus; unclaimed writes are dropped. Each device has a home host; for
+//! now every device is local.
+
+pub mod legacy;
+pub mod serial;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::irq::IrqChip;
+use crate::layout::*;
+use crate::stop::Stopper;
+
+/// All devices of the machine.
+pub struct Devices {
+    serial: Mutex<serial::Console>,
+    legacy: legacy::Legacy,
+    virtio: Vec<Mutex<virtio_mmio::MmioTransport>>,
+    chip: Arc<IrqChip>,
+}
+
+impl Devices {
+    /// Assembles the device set.
+    pub fn new(
+        serial: serial::Console,
+        virtio: Vec<virtio_mmio::MmioTransport>,
+        chip: Arc<IrqChip>,
+        stop: Arc<Stopper>,
+    ) -> Self {
+        Devices {
+            serial: Mutex::new(serial),
+            legacy: legacy::Legacy::new(stop),
+            virtio: virtio.into_iter().map(Mutex::new).collect(),
+            chip,
+        }
+    }
+
+    /// The serial console (for input injection).
+    pub fn serial(&self) -> &Mutex<serial::Console> {
+        &self.serial
+    }
+
+    /// `IN` from `port`.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            0x3f8..=0x3ff => {
+                let v = lock(&self.serial).read((port - 0x3f8) as u8);
+                data.fill(0);
+                if let Some(d) = data.first_mut() {
+                    *d = v;
+                }
+            }
+            _ => {
+                if !self.legacy.read(port, data) {
+                    data.fill(0xff);
+                }
+            }
+        }
+    }
+
+    /// `OUT` to `port`.
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        match port {
+            0x3f8..=0x3ff => {
+                if let Some(&v) = data.first() {
+                    lock(&self.serial).write((port - 0x3f8) as u8, v);
+                }
+            }
+            _ => self.legacy.write(port, data),
+        }
+    }
+
+    /// MMIO read by vCPU `cpu`.
+    pub fn mmio_read(&self, cpu: usize, addr: u64, data: &mut [u8]) {
+        if let Some(off) = window(addr, LAPIC_ADDR, APIC_WINDOW) {
+            let v = match self.chip.lapics.get(cpu) {
+                Some(l) => l.lock().read(off & !0xf, Instant::now()),
+                None => 0,
+            };
+            put(data, v);
+        } else if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
+            put(data, self.chip.ioapic_read(off));
+        } else if let Some((dev, off)) = self.virtio_window(addr) {
+            lock(dev).read(off, data);
+        } else {
+            log::debug!("unclaimed MMIO read at {addr:#x}");
+            data.fill(0xff);
+        }
+    }
+
+    /// MMIO write by vCPU `cpu`.
+    pub fn mmio_write(&self, cpu: usize, addr: u64, data: &[u8]) {
+        if let Some(off) = window(addr, LAPIC_ADDR, APIC_WINDOW) {
+            let effect = match self.chip.lapics.get(cpu) {
+                Some(l) => l.lock().write(off & !0xf, get(data), Instant::now()),
+                None => None,
+            };
+            if let Some(e) = effect {
+                self.chip.apply(e, cpu);
+            }
+            // A timer register may have moved: let the timer thread re-evaluate.
+            if let Some(l) = self.chip.lapics.get(cpu) {
+                l.changed.notify_all();
+            }
+        } else if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
+            self.chip.ioapic_write(off, get(data));
+        } else if let Some((dev, off)) = self.virtio_window(addr) {
+            lock(dev).write(off, data);
+        } else {
+            log::debug!("unclaimed MMIO write at {addr:#x}");
+        }
+    }
+
+    fn virtio_window(&self, addr: u64) -> Option<(&Mutex<virtio_mmio::MmioTransport>, u64)> {
+        let off = addr.checked_sub(VIRTIO_MMIO_BASE)?;
+        let dev = self.virtio.get((off / VIRTIO_MMIO_SIZE) as usize)?;
+        Some((dev, off % VIRTIO_MMIO_SIZE))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn window(addr: u64, base: u64, size: u64) -> Option<u64> {
+    addr.checked_sub(base).filter(|o| *o < size)
+}
+
+fn put(data: &mut [u8], v: u32) {
+    let b = v.to_le_bytes();
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = b.get(i).copied().unwrap_or(0);
+    }
+}
+
+fn get(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    for (i, d) in data.iter().take(4).enumerate() {
+        b[i] = *d;
+    }
+    u32::from_le_bytes(b)
+}

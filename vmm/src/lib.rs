@@ -1,0 +1,23 @@
+//! ssi-vmm: the per-host VMM of a distributed single-system-image hypervisor.
+//!
+//! This crate boots an unmodified Linux guest on KVM with the interrupt controllers (local
+//! APICs, IOAPIC) emulated in the VMM rather than in KVM, so that later IPIs and device
+//! interrupts can cross hosts. See `docs/ARCHITECTURE.md` for the whole picture.
+//!
+//! - [`config`]: validated machine configuration.
+//! - [`layout`]: guest-physical memory map.
+//! - [`boot`]: kernel/initrd loading, zero page, ACPI, initial CPU state.
+//! - [`irq`]: userspace local APIC and IOAPIC.
+//! - [`devices`]: serial, legacy ports, MMIO/PIO dispatch, virtio-mmio windows.
+//! - [`vcpu`]: the KVM_RUN loop, and [`vcpu::quirks`], fix-ups for emulating hosts.
+//! - [`vm`]: assembling and running a machine.
+
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod irq;
+pub mod layout;
+pub mod stats;
+pub mod stop;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,338 @@
+//! vCPU threads: the `KVM_RUN` loop with interrupt injection from the userspace local APIC,
+//! HLT handled in the VMM, exits dispatched to devices, and each APIC's timer thread.
+
+pub mod decode;
+pub mod quirks;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::kvm_interrupt;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+use crate::boot::cpu::{self, msr};
+use crate::devices::Devices;
+use crate::irq::lapic::{Kicker, LocalApic, RunState};
+use crate::irq::IrqChip;
+use crate::layout::{APIC_WINDOW, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::stats::{Exit, Stats};
+use crate::stop::{StopReason, Stopper};
+
+ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_interrupt);
+
+/// Errors that end a vCPU thread.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("vCPU {0}: KVM {1} failed: {2}")]
+    Kvm(usize, &'static str, kvm_ioctls::Error),
+    /// Application processor start-up failed.
+    #[error("vCPU {0}: {1}")]
+    Start(usize, cpu::Error),
+    /// An emulation failure that could not be fixed up.
+    #[error("vCPU {0}: {1}")]
+    Quirk(usize, quirks::Error),
+    /// An exit the VMM does not handle.
+    #[error("vCPU {0}: unexpected exit {1}")]
+    UnexpectedExit(usize, String),
+}
+
+/// Everything a vCPU thread needs.
+pub struct Vcpu {
+    /// vCPU index (= APIC ID).
+    pub index: usize,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Its local APIC.
+    pub lapic: Arc<LocalApic>,
+    /// The machine's interrupt fabric.
+    pub chip: Arc<IrqChip>,
+    /// Devices.
+    pub devices: Arc<Devices>,
+    /// Guest memory (for fix-ups that read instructions and operands).
+    pub mem: GuestMemoryMmap,
+    /// Stop flag.
+    pub stop: Arc<Stopper>,
+    /// Exit statistics.
+    pub stats: Arc<Stats>,
+    /// Fix-up statistics.
+    pub fixups: Arc<quirks::FixupStats>,
+    /// Guest TSC frequency.
+    pub tsc_khz: u64,
+}
+
+extern "C" fn noop_handler(_: libc::c_int) {}
+
+/// Installs the no-op handler for the kick signal (without SA_RESTART, so KVM_RUN returns EINTR).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction is valid; we set a handler that does nothing and is
+    // async-signal-safe, and check the return value.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = noop_handler as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(crate::irq::lapic::kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl Vcpu {
+    /// Runs the vCPU until the VM stops. Any error stops the whole VM.
+    pub fn run(mut self) {
+        let result = self.run_loop();
+        self.lapic.set_kicker(None);
+        if let Err(e) = result {
+            log::error!("{e}");
+            self.stop.request(StopReason::Error(e.to_string()));
+        }
+        self.devices
+            .serial()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush();
+    }
+
+    fn kvm<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error> {
+        r.map_err(|e| Error::Kvm(self.index, what, e))
+    }
+
+    fn run_loop(&mut self) -> Result<(), Error> {
+        let ie: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        // SAFETY: `ie` points into this vCPU's kvm_run mapping, which lives as long as `self.fd`;
+        // the VM joins this thread (and stops all kicking) before dropping the VcpuFd.
+        self.lapic
+            .set_kicker(Some(unsafe { Kicker::for_current_thread(ie) }));
+        loop {
+            if self.stop.stopped() {
+                return Ok(());
+            }
+            if !self.wait_until_running()? {
+                return Ok(());
+            }
+            self.inject()?;
+            let exit = self.fd.run();
+            let idx = self.index;
+            match exit {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.stats.count(Exit::Pio);
+                    self.devices.pio_read(port, data);
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.stats.count(Exit::Pio);
+                    self.devices.pio_write(port, data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.stats.count(mmio_kind(addr));
+                    self.devices.mmio_read(idx, addr, data);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.stats.count(mmio_kind(addr));
+                    self.devices.mmio_write(idx, addr, data);
+                }
+                Ok(VcpuExit::Hlt) => {
+                    self.stats.count(Exit::Hlt);
+                    self.halt();
+                }
+                Ok(VcpuExit::IrqWindowOpen) => self.stats.count(Exit::IrqWindow),
+                Ok(VcpuExit::X86Rdmsr(m)) => {
+                    self.stats.count(Exit::Msr);
+                    if m.index == msr::IA32_TSC_DEADLINE {
+                        *m.data = self.lapic.lock().tsc_deadline();
+                    } else {
+                        log::debug!("vCPU {idx}: RDMSR {:#x} -> #GP", m.index);
+                        *m.error = 1;
+                    }
+                }
+                Ok(VcpuExit::X86Wrmsr(m)) => {
+                    self.stats.count(Exit::Msr);
+                    if m.index == msr::IA32_TSC_DEADLINE {
+                        let value = m.data;
+                        self.write_tsc_deadline(value)?;
+                    } else {
+                        log::debug!("vCPU {idx}: WRMSR {:#x}={:#x} -> #GP", m.index, m.data);
+                        *m.error = 1;
+                    }
+                }
+                Ok(VcpuExit::InternalError) => {
+                    self.stats.count(Exit::EmulationFailure);
+                    let run = self.fd.get_kvm_run();
+                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                    // active union member.
+                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                    if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                        return Err(Error::UnexpectedExit(
+                            idx,
+                            format!("KVM internal error, suberror {suberror}"),
+                        ));
+                    }
+                    quirks::handle_emulation_failure(&self.fd, &self.mem, &self.fixups)
+                        .map_err(|e| Error::Quirk(idx, e))?;
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    log::warn!("vCPU {idx}: triple fault");
+                    self.stop.request(StopReason::TripleFault);
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    log::info!("vCPU {idx}: system event {kind}");
+                    self.stop
+                        .request(if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
+                            StopReason::PowerOff
+                        } else {
+                            StopReason::Reset
+                        });
+                }
+                Ok(other) => {
+                    self.stats.count(Exit::Other);
+                    return Err(Error::UnexpectedExit(idx, format!("{other:?}")));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.stats.count(Exit::Kick);
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => return Err(Error::Kvm(idx, "RUN", e)),
+            }
+        }
+    }
+
+    /// Blocks an application processor until SIPI; loads its start state. Returns false if the
+    /// VM stopped meanwhile.
+    fn wait_until_running(&mut self) -> Result<bool, Error> {
+        let mut st = self.lapic.lock();
+        loop {
+            if self.stop.stopped() {
+                return Ok(false);
+            }
+            match st.run_state {
+                RunState::Running => return Ok(true),
+                RunState::Starting(vector) => {
+                    st.run_state = RunState::Running;
+                    drop(st);
+                    log::info!(
+                        "vCPU {} started by SIPI at {:#x}",
+                        self.index,
+                        u32::from(vector) << 12
+                    );
+                    cpu::start_ap(&self.fd, vector).map_err(|e| Error::Start(self.index, e))?;
+                    return Ok(true);
+                }
+                RunState::WaitForSipi => {
+                    st = self
+                        .lapic
+                        .changed
+                        .wait(st)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+
+    /// Injects the highest deliverable interrupt if the guest can take it, else asks for an
+    /// interrupt window.
+    fn inject(&mut self) -> Result<(), Error> {
+        let fd = self.fd.as_raw_fd();
+        let mut st = self.lapic.lock();
+        if st.nmi_pending {
+            st.nmi_pending = false;
+            self.kvm("NMI", self.fd.nmi())?;
+        }
+        let run = self.fd.get_kvm_run();
+        match st.deliverable() {
+            Some(v) if run.ready_for_interrupt_injection != 0 => {
+                st.ack(v);
+                let irq = kvm_interrupt { irq: u32::from(v) };
+                // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from a valid reference on a vCPU
+                // fd we own; the return value is checked.
+                let ret = unsafe { ioctl_with_ref(&RawFd(fd), KVM_INTERRUPT(), &irq) };
+                if ret < 0 {
+                    return Err(Error::Kvm(
+                        self.index,
+                        "INTERRUPT",
+                        kvm_ioctls::Error::last(),
+                    ));
+                }
+                self.stats
+                    .injected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                run.request_interrupt_window = u8::from(st.deliverable().is_some());
+            }
+            Some(_) => run.request_interrupt_window = 1,
+            None => run.request_interrupt_window = 0,
+        }
+        Ok(())
+    }
+
+    /// HLT: sleep until an interrupt is deliverable, an NMI or INIT arrives, or the VM stops.
+    fn halt(&self) {
+        let mut st = self.lapic.lock();
+        while !self.stop.stopped()
+            && st.deliverable().is_none()
+            && !st.nmi_pending
+            && st.run_state == RunState::Running
+        {
+            st = self
+                .lapic
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn write_tsc_deadline(&mut self, value: u64) -> Result<(), Error> {
+        let tsc = quirks::guest_tsc(&self.fd).map_err(|e| Error::Quirk(self.index, e))?;
+        self.lapic
+            .lock()
+            .set_tsc_deadline(value, tsc, self.tsc_khz, Instant::now());
+        self.lapic.changed.notify_all();
+        Ok(())
+    }
+}
+
+struct RawFd(i32);
+impl AsRawFd for RawFd {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
+    }
+}
+
+fn mmio_kind(addr: u64) -> Exit {
+    if (LAPIC_ADDR..LAPIC_ADDR + APIC_WINDOW).contains(&addr) {
+        Exit::LapicMmio
+    } else if (IOAPIC_ADDR..IOAPIC_ADDR + APIC_WINDOW).contains(&addr) {
+        Exit::IoapicMmio
+    } else {
+        Exit::DeviceMmio
+    }
+}
+
+/// The timer thread of one local APIC: fires its deadline and wakes the vCPU.
+pub fn timer_thread(lapic: Arc<LocalApic>, stop: Arc<Stopper>) {
+    let mut st = lapic.lock();
+    loop {
+        if stop.stopped() {
+            return;
+        }
+        let now = Instant::now();
+        if st.poll_timer(now) {
+            drop(st);
+            lapic.wake();
+            st = lapic.lock();
+            continue;
+        }
+        st = match st.deadline() {
+            Some(d) => {
+                lapic
+                    .changed
+                    .wait_timeout(st, d.saturating_duration_since(now))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => lapic.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
+        };
+    }
+}
