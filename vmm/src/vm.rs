@@ -180,10 +180,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, Error> {
         None => None,
     };
     let apic_ids: Vec<u8> = (0..cfg.cpus).collect();
-    let rsdp = acpi::write_tables(&mem, &apic_ids)?;
-    let cmdline = full_cmdline(&cfg.cmdline, cfg.disks.len());
-    log::info!("kernel command line: {cmdline}");
-    loader::write_boot_params(&mem, &mut params, &cmdline, initrd, cfg.memory, rsdp)?;
+    let mmio: Vec<acpi::MmioDevice> = (0..cfg.disks.len())
+        .map(|i| acpi::MmioDevice {
+            base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_IRQS[i],
+        })
+        .collect();
+    let rsdp = acpi::write_tables(&mem, &apic_ids, &mmio)?;
+    log::info!("kernel command line: {}", cfg.cmdline);
+    loader::write_boot_params(&mem, &mut params, &cfg.cmdline, initrd, cfg.memory, rsdp)?;
     cpu::write_boot_tables(&mem)?;
 
     let chip = Arc::new(IrqChip::new(cfg.cpus));

@@ -92,13 +92,49 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     t.finish()
 }
 
-fn dsdt() -> Vec<u8> {
-    // Name (_S5_, Package (0x02) { S5_SLP_TYP, Zero })
-    let aml = [
-        0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, S5_SLP_TYP, 0x00,
-    ];
+/// A virtio-mmio device to describe in the DSDT: window base and GSI.
+#[derive(Clone, Copy, Debug)]
+pub struct MmioDevice {
+    /// Base of the 4 KiB register window.
+    pub base: u64,
+    /// IOAPIC input (GSI).
+    pub gsi: u32,
+}
+
+fn dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
+    use super::aml::{self, res};
+    // Hardware-reduced ACPI has no legacy PIC: the guest maps only the interrupts that devices
+    // announce here, so COM1 and every virtio-mmio window are described with their GSIs.
+    let mut devices = vec![aml::device(
+        "COM1",
+        &[
+            aml::name("_HID", &aml::eisa_id("PNP0501")),
+            aml::name("_UID", &aml::integer(0)),
+            aml::crs(&[
+                res::io(0x3f8, 8),
+                res::irq_noflags(crate::layout::SERIAL_IRQ as u8),
+            ]),
+        ],
+    )];
+    for (i, d) in virtio.iter().enumerate() {
+        devices.push(aml::device(
+            &format!("VR{i:02X}"),
+            &[
+                aml::name("_HID", &aml::string("LNRO0005")),
+                aml::name("_UID", &aml::integer(i as u64)),
+                aml::crs(&[
+                    res::memory32(d.base as u32, crate::layout::VIRTIO_MMIO_SIZE as u32),
+                    res::interrupt_edge(d.gsi),
+                ]),
+            ],
+        ));
+    }
     let mut t = Sdt::new(b"DSDT", 2);
-    t.bytes(&aml);
+    t.bytes(&aml::name(
+        "_S5_",
+        &aml::package(&[aml::integer(u64::from(S5_SLP_TYP)), aml::integer(0)]),
+    ));
+    t.bytes(&aml::scope_root("_SB_", &devices));
     t.finish()
 }
 
@@ -137,14 +173,18 @@ fn rsdp(xsdt: u64) -> Vec<u8> {
 
 /// Builds all tables for the given APIC IDs (index = ACPI processor UID) and writes them at
 /// [`ACPI_START`]. Returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, apic_ids: &[u8]) -> Result<u64, Error> {
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    apic_ids: &[u8],
+    virtio: &[MmioDevice],
+) -> Result<u64, Error> {
     let align = |x: u64| x.next_multiple_of(16);
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + 36);
     let xsdt_len = 36 + 2 * 8;
     let fadt_addr = align(xsdt_addr + xsdt_len);
     let dsdt_addr = align(fadt_addr + 276);
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
     let madt = madt(apic_ids);
     let end = madt_addr + madt.len() as u64;
@@ -176,13 +216,21 @@ mod tests {
     fn tables_checksum_to_zero() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let ids: Vec<u8> = (0..255).collect();
-        let rsdp = write_tables(&mem, &ids).unwrap();
+        let rsdp = write_tables(
+            &mem,
+            &ids,
+            &[MmioDevice {
+                base: 0xd000_0000,
+                gsi: 5,
+            }],
+        )
+        .unwrap();
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
         assert_eq!(&r[..8], b"RSD PTR ");
         assert_eq!(r.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         let xsdt = u64::from_le_bytes(r[24..32].try_into().unwrap());
-        for t in [fadt(0x1000), dsdt(), madt(&ids)] {
+        for t in [fadt(0x1000), dsdt(&[]), madt(&ids)] {
             assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         }
         assert_eq!(madt(&ids).len(), 44 + 255 * 8 + 12 + 6);

@@ -2,5 +2,6 @@
 //! zero page and e820 map, ACPI tables, and the initial CPU state of the boot processor.
 
 pub mod acpi;
+pub mod aml;
 pub mod cpu;
 pub mod loader;

@@ -1,0 +1,151 @@
+//! `bench`: boot benchmarks of ssi-vmm, printed as Markdown for `docs/BENCHMARKS.md`.
+//!
+//! ```text
+//! cargo run --release -p ssi-tests --bin bench -- boot [--stock] [--runs N]
+//! ```
+//! For each configuration (lean kernel + busybox initramfs with 1 and 2 vCPUs; with `--stock`
+//! also Debian's stock kernel + its initramfs) it boots the guest with `ssi.test=nproc`, takes
+//! the host time at which `SSI-VMM-USERSPACE-UP` appears on the console, and reads the VMM's
+//! `--stats-json` (exits by reason, emulation fix-ups by instruction).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ssi_tests::{artifact, cmdline, initramfs, lean_kernel, run_vmm};
+
+struct Config {
+    name: String,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    cpus: u32,
+}
+
+/// Minimal extraction of `"key": number` pairs inside the JSON object named `section`.
+fn section(json: &str, name: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Some(start) = json.find(&format!("\"{name}\"")) else {
+        return out;
+    };
+    let rest = &json[start..];
+    let (Some(open), Some(close)) = (rest.find('{'), rest.find('}')) else {
+        return out;
+    };
+    for item in rest[open + 1..close].split(',') {
+        let mut kv = item.splitn(2, ':');
+        if let (Some(k), Some(v)) = (kv.next(), kv.next()) {
+            if let Ok(v) = v.trim().parse::<f64>() {
+                out.insert(k.trim().trim_matches('"').to_string(), v);
+            }
+        }
+    }
+    out
+}
+
+fn scalar(json: &str, key: &str) -> Option<f64> {
+    let i = json.find(&format!("\"{key}\""))?;
+    let rest = &json[i..];
+    let v = rest.split(':').nth(1)?.split([',', '\n', '}']).next()?;
+    v.trim().parse().ok()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("boot") {
+        eprintln!("usage: bench boot [--stock] [--runs N]");
+        std::process::exit(2);
+    }
+    let stock = args.iter().any(|a| a == "--stock");
+    let runs: usize = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let (lk, li) = (lean_kernel(), initramfs());
+    let mut configs = vec![];
+    for cpus in [1, 2] {
+        configs.push(Config {
+            name: "lean".into(),
+            kernel: lk.clone(),
+            initrd: li.clone(),
+            cpus,
+        });
+    }
+    if stock {
+        let p = artifact("images/build-stock-kernel.sh");
+        if p.len() == 2 {
+            for cpus in [1, 2] {
+                configs.push(Config {
+                    name: "stock".into(),
+                    kernel: p[0].clone(),
+                    initrd: p[1].clone(),
+                    cpus,
+                });
+            }
+        }
+    }
+    println!(
+        "| kernel | vCPUs | run | userspace (s) | poweroff (s) | exits/s | top exits | fix-ups |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for c in &configs {
+        for r in 0..runs {
+            let stats = std::env::temp_dir().join(format!("ssi-bench-{}.json", std::process::id()));
+            let cpus = c.cpus.to_string();
+            let cl = cmdline("ssi.test=nproc");
+            let run = run_vmm(
+                &[
+                    "run",
+                    "--kernel",
+                    c.kernel.to_str().unwrap_or_default(),
+                    "--initrd",
+                    c.initrd.to_str().unwrap_or_default(),
+                    "--memory",
+                    "512M",
+                    "--cpus",
+                    &cpus,
+                    "--cmdline",
+                    &cl,
+                    "--stats-json",
+                    stats.to_str().unwrap_or_default(),
+                ],
+                &["SSI-VMM-USERSPACE-UP"],
+                Duration::from_secs(1800),
+            );
+            let json = std::fs::read_to_string(&stats).unwrap_or_default();
+            let _ = std::fs::remove_file(&stats);
+            let up = run
+                .mark("SSI-VMM-USERSPACE-UP")
+                .map_or("-".to_string(), |d| format!("{:.1}", d.as_secs_f64()));
+            let wall = scalar(&json, "wall_seconds").unwrap_or(0.0);
+            let exits = section(&json, "exits");
+            let total: f64 = exits.values().sum();
+            let mut top: Vec<_> = exits.iter().filter(|(_, v)| **v > 0.0).collect();
+            top.sort_by(|a, b| b.1.total_cmp(a.1));
+            let top: Vec<String> = top
+                .iter()
+                .take(5)
+                .map(|(k, v)| format!("{k} {:.0}/s", **v / wall.max(1e-9)))
+                .collect();
+            let fix: Vec<String> = section(&json, "fixups")
+                .iter()
+                .map(|(k, v)| format!("{k}: {v:.0}"))
+                .collect();
+            let ok = if run.status.is_some_and(|s| s.success()) {
+                ""
+            } else {
+                " (FAILED)"
+            };
+            println!(
+                "| {}{ok} | {} | {} | {up} | {wall:.1} | {:.0} | {} | {} |",
+                c.name,
+                c.cpus,
+                r + 1,
+                total / wall.max(1e-9),
+                top.join(", "),
+                fix.join(", ")
+            );
+        }
+    }
+}
