@@ -99,8 +99,19 @@ cache_begin() {
     CACHE_HIT=1
     return 0
   fi
+  # Leftovers of a build of this entry that was killed hard (we hold the lock, so no live
+  # build owns them).
+  local old
+  for old in "$SSI_CACHE_ROOT/.$(basename "$CACHE_OUT").tmp."*; do
+    [ -d "$old" ] || continue
+    log "removing leftover $old"
+    umount_below "$old"
+    rm -rf --one-file-system "$old"
+  done
   CACHE_TMP=$(mktemp -d "$SSI_CACHE_ROOT/.$(basename "$CACHE_OUT").tmp.XXXXXX")
   trap cache_abort EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM HUP
 }
 
 # Unmount anything left mounted below $1 (e.g. by an interrupted debootstrap), deepest first.

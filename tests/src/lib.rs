@@ -70,14 +70,6 @@ pub fn initramfs() -> PathBuf {
         .expect("initramfs path")
 }
 
-/// The guest command line the tests use (the VMM's default plus `extra`).
-pub fn cmdline(extra: &str) -> String {
-    format!(
-        "console=ttyS0 reboot=k panic=-1 tsc=reliable no_timer_check nokaslr noxsave nox2apic \
-         clearcpuid=ssse3,popcnt cryptomgr.notests rodata=off {extra}"
-    )
-}
-
 /// What a finished guest run produced.
 pub struct Run {
     /// Everything the guest printed on the console.

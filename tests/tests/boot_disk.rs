@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ssi_tests::{cmdline, initramfs, lean_kernel, run_vmm};
+use ssi_tests::{initramfs, lean_kernel, run_vmm};
 
 fn make_image(path: &Path, probe: &str) {
     let dir = path.with_extension("d");
@@ -41,7 +41,7 @@ fn lean_kernel_virtio_blk_read_write_survives_poweroff() {
     make_image(&image, &probe);
     let kernel = lean_kernel();
     let initrd = initramfs();
-    let cl = cmdline(&format!("ssi.test=disk ssi.token={token}"));
+    let cl = format!("ssi.test=disk ssi.token={token}");
     let run = run_vmm(
         &[
             "run",
@@ -53,7 +53,7 @@ fn lean_kernel_virtio_blk_read_write_survives_poweroff() {
             "512M",
             "--disk",
             image.to_str().unwrap_or_default(),
-            "--cmdline",
+            "--append",
             &cl,
         ],
         &["SSI-VMM-USERSPACE-UP", "SSI-VMM-DISK-OK"],

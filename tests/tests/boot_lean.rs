@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ssi_tests::{cmdline, initramfs, lean_kernel, run_vmm};
+use ssi_tests::{initramfs, lean_kernel, run_vmm};
 
 const DEADLINE: Duration = Duration::from_secs(900);
 
@@ -14,7 +14,7 @@ fn boot(cpus: u32) {
     let cpus_s = cpus.to_string();
     let stats =
         std::env::temp_dir().join(format!("ssi-boot-lean-{cpus}-{}.json", std::process::id()));
-    let cl = cmdline("ssi.test=nproc");
+    let cl = String::from("ssi.test=boot");
     let run = run_vmm(
         &[
             "run",
@@ -26,7 +26,7 @@ fn boot(cpus: u32) {
             "512M",
             "--cpus",
             &cpus_s,
-            "--cmdline",
+            "--append",
             &cl,
             "--stats-json",
             stats.to_str().unwrap_or_default(),
@@ -48,6 +48,12 @@ fn boot(cpus: u32) {
         "{}",
         run.console
     );
+    assert!(
+        !run.console.contains("segfault"),
+        "a guest process crashed:\n{}",
+        run.console
+    );
+    assert!(run.console.contains("SSI-VMM-BOOT-OK"), "{}", run.console);
     assert_eq!(run.value("SSI-VMM-TEST-EXIT").as_deref(), Some("0"));
     assert!(
         run.stderr.contains("PowerOff"),

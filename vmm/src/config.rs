@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::layout::{CMDLINE_MAX, MIN_MEMORY};
 
 /// Most vCPUs one machine may have (the MADT and the guest's NR_CPUS allow 256).
-pub const MAX_VCPUS: u8 = 255;
+pub const MAX_VCPUS: u8 = u8::MAX;
 /// Guest RAM set aside below an initrd for the kernel image (loaded at 16 MiB).
 pub const KERNEL_ROOM: u64 = 32 << 20;
 /// Largest guest RAM accepted (1 TiB).
@@ -88,9 +88,10 @@ pub struct VmConfig {
 
 /// The command line used when none is given: measured on this machine's emulating KVM, see
 /// `docs/ARCHITECTURE.md` ("Host quirks").
+/// `nofsgsbase`: the host forces FSGSBASE on in CPUID leaf 7, and with the instructions in use
+/// user processes on application processors saw a zero FS base (TLS) and crashed.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 tsc=reliable no_timer_check \
-nokaslr noxsave nox2apic clearcpuid=ssse3,popcnt cryptomgr.notests rodata=off \
-i8042.noaux i8042.nomux i8042.dumbkbd";
+nokaslr noxsave nox2apic nofsgsbase clearcpuid=ssse3,popcnt cryptomgr.notests rodata=off";
 
 /// Parses `512M`, `1G`, `1048576`, `2g` and the like into bytes.
 pub fn parse_size(s: &str) -> Result<u64, Error> {
@@ -116,13 +117,13 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
 impl VmConfig {
     /// Checks everything that can be checked before the VM is built.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.cpus == 0 || self.cpus > MAX_VCPUS {
+        if self.cpus == 0 {
             return Err(Error::BadCpuCount(u32::from(self.cpus)));
         }
         if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY {
             return Err(Error::BadMemory(self.memory));
         }
-        if self.memory % 4096 != 0 {
+        if !self.memory.is_multiple_of(4096) {
             return Err(Error::UnalignedMemory(self.memory));
         }
         if self.disks.len() > crate::layout::VIRTIO_IRQS.len() {

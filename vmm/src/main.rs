@@ -34,6 +34,9 @@ struct RunArgs {
     /// Kernel command line (ssi-vmm appends its device parameters).
     #[arg(long, default_value = config::DEFAULT_CMDLINE)]
     cmdline: String,
+    /// Appended to the command line (e.g. `root=/dev/vda` or `ssi.test=boot`).
+    #[arg(long, default_value = "")]
+    append: String,
     /// Guest RAM, e.g. 512M or 2G.
     #[arg(long, default_value = "1G")]
     memory: String,
@@ -68,7 +71,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::Error> {
     let cfg = VmConfig {
         kernel: a.kernel,
         initrd: a.initrd,
-        cmdline: a.cmdline,
+        cmdline: format!("{} {}", a.cmdline, a.append).trim().to_string(),
         memory,
         cpus,
         disks,

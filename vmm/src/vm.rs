@@ -85,19 +85,6 @@ fn enable_cap(vm: &VmFd, cap: u32, arg0: u64) -> Result<(), kvm_ioctls::Error> {
     vm.enable_cap(&c)
 }
 
-/// The command line the guest gets: the user's plus what ssi-vmm's devices need.
-pub fn full_cmdline(user: &str, ndisks: usize) -> String {
-    let mut c = user.trim().to_string();
-    for i in 0..ndisks {
-        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-        c.push_str(&format!(
-            " virtio_mmio.device=4K@{base:#x}:{}",
-            VIRTIO_IRQS[i]
-        ));
-    }
-    c
-}
-
 struct VirtioIrq(IrqLine);
 impl virtio_mmio::InterruptLine for VirtioIrq {
     fn trigger(&self) {

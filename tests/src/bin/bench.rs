@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ssi_tests::{artifact, cmdline, initramfs, lean_kernel, run_vmm};
+use ssi_tests::{artifact, initramfs, lean_kernel, run_vmm};
 
 struct Config {
     name: String,
@@ -93,7 +93,7 @@ fn main() {
         for r in 0..runs {
             let stats = std::env::temp_dir().join(format!("ssi-bench-{}.json", std::process::id()));
             let cpus = c.cpus.to_string();
-            let cl = cmdline("ssi.test=nproc");
+            let cl = String::from("ssi.test=nproc");
             let run = run_vmm(
                 &[
                     "run",
@@ -105,7 +105,7 @@ fn main() {
                     "512M",
                     "--cpus",
                     &cpus,
-                    "--cmdline",
+                    "--append",
                     &cl,
                     "--stats-json",
                     stats.to_str().unwrap_or_default(),

@@ -475,11 +475,9 @@ impl State {
                     self.tsc_deadline = 0;
                 }
             }
-            reg::TIMER_INIT => {
-                if self.timer_mode() != 2 {
-                    self.timer_init = value;
-                    self.arm_counter(now);
-                }
+            reg::TIMER_INIT if self.timer_mode() != 2 => {
+                self.timer_init = value;
+                self.arm_counter(now);
             }
             reg::TIMER_DIV => self.timer_div = value & 0xb,
             _ => {}

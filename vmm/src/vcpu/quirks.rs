@@ -89,13 +89,13 @@ impl Fixup {
     }
 }
 
+/// Fix-up sites (kind, RIP) already logged at info level.
+type SiteSet = std::collections::HashSet<(Fixup, u64)>;
+
 /// Counts of fix-ups by kind, and the sites already logged at info level.
 #[derive(Default)]
 pub struct FixupStats {
-    inner: Mutex<(
-        BTreeMap<Fixup, u64>,
-        std::collections::HashSet<(Fixup, u64)>,
-    )>,
+    inner: Mutex<(BTreeMap<Fixup, u64>, SiteSet)>,
 }
 
 impl FixupStats {
@@ -358,9 +358,9 @@ pub fn handle_emulation_failure(
         }
         [0x0f, 0xae, rest @ ..]
             if long
-                && rest.first().is_some_and(|m| {
-                    m >> 6 != 3 && (m >> 3) & 7 == 2 || m >> 6 != 3 && (m >> 3) & 7 == 3
-                }) =>
+                && rest
+                    .first()
+                    .is_some_and(|m| m >> 6 != 3 && matches!((m >> 3) & 7, 2 | 3)) =>
         {
             let seg = seg_base(&p, &sregs);
             let (r, opnd, n) =
