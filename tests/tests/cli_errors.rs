@@ -89,6 +89,10 @@ fn memory_too_small_or_malformed() {
     expect_error(&["run", "--kernel", k, "--memory", "lots"], "invalid size");
     expect_error(
         &["run", "--kernel", k, "--memory", "100000T"],
+        "--memory must be between",
+    );
+    expect_error(
+        &["run", "--kernel", k, "--memory", "99999999999T"],
         "invalid size",
     );
 }
