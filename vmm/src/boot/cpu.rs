@@ -48,6 +48,10 @@ pub mod msr {
     pub const CSTAR: u32 = 0xc000_0083;
     /// RFLAGS mask applied by SYSCALL.
     pub const SYSCALL_MASK: u32 = 0xc000_0084;
+    /// FS base.
+    pub const FS_BASE: u32 = 0xc000_0100;
+    /// GS base.
+    pub const GS_BASE: u32 = 0xc000_0101;
     /// Swapped GS base.
     pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 }
@@ -61,6 +65,7 @@ pub const APICBASE_BSP: u64 = 1 << 8;
 const ECX_MONITOR: u32 = 1 << 3;
 const ECX_VMX: u32 = 1 << 5;
 const ECX_PDCM: u32 = 1 << 15;
+const ECX_PCID: u32 = 1 << 17;
 const ECX_X2APIC: u32 = 1 << 21;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
@@ -81,7 +86,7 @@ pub fn patch_cpuid(cpuid: &mut CpuId, apic_id: u8, ncpus: u8) {
             1 => {
                 e.ebx =
                     (e.ebx & 0x0000_ffff) | (u32::from(apic_id) << 24) | (u32::from(ncpus) << 16);
-                e.ecx &= !(ECX_MONITOR | ECX_VMX | ECX_PDCM | ECX_X2APIC | ECX_CX16);
+                e.ecx &= !(ECX_MONITOR | ECX_VMX | ECX_PDCM | ECX_PCID | ECX_X2APIC | ECX_CX16);
                 e.ecx |= ECX_TSC_DEADLINE | ECX_HYPERVISOR;
                 e.edx |= EDX_APIC | (1 << 28); // APIC, HTT (multiple logical CPUs)
             }

@@ -102,9 +102,12 @@ impl Devices {
             if let Some(e) = effect {
                 self.chip.apply(e, cpu);
             }
-            // A timer register may have moved: let the timer thread re-evaluate.
-            if let Some(l) = self.chip.lapics.get(cpu) {
-                l.changed.notify_all();
+            // A timer register (LVT timer, initial count, divide) may have moved the deadline:
+            // let the timer thread re-evaluate. Other writes (EOI above all) need no wake-up.
+            if matches!(off & !0xf, 0x320 | 0x380 | 0x3e0) {
+                if let Some(l) = self.chip.lapics.get(cpu) {
+                    l.changed.notify_all();
+                }
             }
         } else if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
             self.chip.ioapic_write(off, get(data));

@@ -232,11 +232,33 @@ fn complete_broken_syscall(
     if cs & 3 != 3 || err & 0x14 != 0x14 || sregs.cr2 != rip {
         return Ok(false);
     }
-    let m = get_msrs(vcpu, &[msr::STAR, msr::LSTAR, msr::CSTAR])?;
-    let (star, lstar, cstar) = (m[0], m[1], m[2]);
+    let m = get_msrs(
+        vcpu,
+        &[
+            msr::STAR,
+            msr::LSTAR,
+            msr::CSTAR,
+            msr::FS_BASE,
+            msr::GS_BASE,
+            msr::SYSCALL_MASK,
+        ],
+    )?;
+    let (star, lstar, cstar, fs_base, gs_base, sfmask) = (m[0], m[1], m[2], m[3], m[4], m[5]);
     if rip != lstar && rip != cstar {
         return Ok(false);
     }
+    // KVM_SET_SREGS rewrites every segment. On the emulating host the FS/GS bases reported by
+    // KVM_GET_SREGS can lag behind the MSRs (a user process then lost its TLS pointer after a
+    // completed SYSCALL), so take the bases from the MSRs.
+    if sregs.fs.base != fs_base || sregs.gs.base != gs_base {
+        log::debug!(
+            "SYSCALL fix-up: sregs FS/GS base {:#x}/{:#x} differ from MSRs {fs_base:#x}/{gs_base:#x}",
+            sregs.fs.base,
+            sregs.gs.base
+        );
+    }
+    sregs.fs.base = fs_base;
+    sregs.gs.base = gs_base;
     let kcs = ((star >> 32) & 0xfffc) as u16;
     let seg = |selector, type_, l, db| kvm_segment {
         base: 0,
@@ -255,9 +277,18 @@ fn complete_broken_syscall(
     };
     sregs.cs = seg(kcs, 0xb, 1, 0);
     sregs.ss = seg(kcs + 8, 0x3, 0, 1);
+    // SYSCALL clears the RFLAGS bits in SFMASK (IF, TF, DF, AC for Linux) and RF. Whether or not
+    // the broken SYSCALL did, the completed one must: with IF still set, an interrupt injected
+    // at the entry point (before the stack switch) would be pushed onto the user stack.
+    if rflags & sfmask != 0 {
+        log::debug!(
+            "SYSCALL fix-up: RFLAGS {rflags:#x} had SFMASK bits {:#x} set",
+            rflags & sfmask
+        );
+    }
     regs.rip = rip;
     regs.rsp = rsp;
-    regs.rflags = rflags;
+    regs.rflags = (rflags & !sfmask & !(1 << 16)) | 2;
     vcpu.set_sregs(sregs)
         .map_err(|e| Error::Kvm("SET_SREGS", e))?;
     Ok(true)

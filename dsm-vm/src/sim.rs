@@ -1,0 +1,357 @@
+//! Randomized simulation of the protocol engine (tests only).
+//!
+//! Several engines over in-memory pages exchange messages that are delivered in a random
+//! order (no FIFO between any pair of hosts), while simulated vCPUs read and write pages;
+//! faults reach the engine after a random delay (stale faults included), like userfaultfd
+//! messages read late. After every step the coherence invariants are checked: at most one
+//! writable copy and then no other copy, every present copy equal to the last value written.
+//! At the end the system must be quiescent and the directories must match the hosts' states.
+
+use crate::engine::{Engine, Local, Net, PageOps};
+use crate::ram::{HomePolicy, Layout};
+use crate::stats::Stats;
+use proto::{HostId, Message, Pfn, PAGE_SIZE};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::Arc;
+
+type Page = Box<[u8; PAGE_SIZE]>;
+
+#[derive(Default)]
+struct FakeMem {
+    pages: RefCell<HashMap<Pfn, (Page, bool)>>,
+    woken: RefCell<HashSet<Pfn>>,
+}
+
+impl PageOps for Rc<FakeMem> {
+    fn install(
+        &self,
+        pfn: Pfn,
+        data: Option<&[u8; PAGE_SIZE]>,
+        writable: bool,
+    ) -> Result<(), String> {
+        let mut p = self.pages.borrow_mut();
+        if p.contains_key(&pfn) {
+            return Err("EEXIST".into());
+        }
+        let page = Box::new(data.copied().unwrap_or([0; PAGE_SIZE]));
+        p.insert(pfn, (page, writable));
+        self.woken.borrow_mut().insert(pfn);
+        Ok(())
+    }
+    fn protect(&self, pfn: Pfn) -> Result<(), String> {
+        let mut p = self.pages.borrow_mut();
+        p.get_mut(&pfn).ok_or("protect: absent")?.1 = false;
+        Ok(())
+    }
+    fn unprotect(&self, pfn: Pfn) -> Result<(), String> {
+        let mut p = self.pages.borrow_mut();
+        p.get_mut(&pfn).ok_or("unprotect: absent")?.1 = true;
+        self.woken.borrow_mut().insert(pfn);
+        Ok(())
+    }
+    fn read(&self, pfn: Pfn, out: &mut [u8; PAGE_SIZE]) {
+        let p = self.pages.borrow();
+        // The real engine would deadlock here: it must never read an absent page.
+        out.copy_from_slice(&p.get(&pfn).expect("engine read an absent page").0[..]);
+    }
+    fn discard(&self, pfn: Pfn) -> Result<(), String> {
+        self.pages.borrow_mut().remove(&pfn);
+        Ok(())
+    }
+    fn wake(&self, pfn: Pfn) -> Result<(), String> {
+        self.woken.borrow_mut().insert(pfn);
+        Ok(())
+    }
+}
+
+type Wire = Rc<RefCell<Vec<(HostId, HostId, Message)>>>;
+
+struct FakeNet {
+    me: HostId,
+    wire: Wire,
+}
+
+impl Net for FakeNet {
+    fn send(&self, to: HostId, msg: Message) -> Result<(), String> {
+        self.wire.borrow_mut().push((self.me, to, msg));
+        Ok(())
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Vcpu {
+    Ready,
+    Waiting(Pfn),
+    Done,
+}
+
+struct Sim {
+    engines: Vec<Engine<Rc<FakeMem>, FakeNet>>,
+    mems: Vec<Rc<FakeMem>>,
+    wire: Wire,
+    faults: Vec<Vec<(Pfn, bool, bool)>>,
+    truth: HashMap<Pfn, u64>,
+    next_value: u64,
+    pages: u64,
+}
+
+impl Sim {
+    fn new(hosts: u16, pages: u64, chunk: u64) -> Sim {
+        let ids: Vec<HostId> = (0..hosts).map(HostId).collect();
+        let wire: Wire = Rc::default();
+        let layout = Layout::new(&[(0, pages * PAGE_SIZE as u64)]).unwrap();
+        let mut engines = Vec::new();
+        let mut mems = Vec::new();
+        for &h in &ids {
+            let mem = Rc::new(FakeMem::default());
+            let net = FakeNet {
+                me: h,
+                wire: wire.clone(),
+            };
+            let policy = HomePolicy::Interleave { chunk_pages: chunk };
+            let stats = Arc::new(Stats::default());
+            let e = Engine::new(
+                h,
+                ids.clone(),
+                policy,
+                layout.clone(),
+                mem.clone(),
+                net,
+                stats,
+            );
+            engines.push(e);
+            mems.push(mem);
+        }
+        Sim {
+            engines,
+            mems,
+            wire,
+            faults: vec![Vec::new(); hosts as usize],
+            truth: HashMap::new(),
+            next_value: 1,
+            pages,
+        }
+    }
+
+    /// Tries one access; returns whether it completed.
+    fn access(&mut self, h: usize, pfn: Pfn, write: bool) -> bool {
+        let mut pages = self.mems[h].pages.borrow_mut();
+        match pages.get_mut(&pfn) {
+            Some((page, writable)) if !write || *writable => {
+                let v = u64::from_le_bytes(page[..8].try_into().unwrap());
+                assert_eq!(v, self.truth.get(&pfn).copied().unwrap_or(0), "stale read");
+                if write {
+                    page[..8].copy_from_slice(&self.next_value.to_le_bytes());
+                    self.truth.insert(pfn, self.next_value);
+                    self.next_value += 1;
+                }
+                true
+            }
+            present => {
+                let wp = present.is_some();
+                self.faults[h].push((pfn, write, wp));
+                false
+            }
+        }
+    }
+
+    fn check(&self) {
+        for pfn in 0..self.pages {
+            let mut present = 0;
+            let mut writable = 0;
+            for m in &self.mems {
+                if let Some((page, w)) = m.pages.borrow().get(&pfn) {
+                    present += 1;
+                    writable += usize::from(*w);
+                    let v = u64::from_le_bytes(page[..8].try_into().unwrap());
+                    assert_eq!(v, self.truth.get(&pfn).copied().unwrap_or(0), "stale copy");
+                }
+            }
+            assert!(writable <= 1, "pfn {pfn}: {writable} writable copies");
+            assert!(
+                writable == 0 || present == 1,
+                "pfn {pfn}: writer with readers"
+            );
+        }
+    }
+
+    fn run(&mut self, seed: u64, vcpus_per_host: usize, ops: usize) {
+        let mut rng = Rng(seed | 1);
+        let hosts = self.engines.len();
+        let mut vcpus: Vec<(usize, Vcpu, usize, (Pfn, bool))> = Vec::new();
+        for h in 0..hosts {
+            for _ in 0..vcpus_per_host {
+                vcpus.push((h, Vcpu::Ready, 0, (u64::MAX, false)));
+            }
+        }
+        let mut steps = 0u64;
+        loop {
+            steps += 1;
+            assert!(steps < 2_000_000, "no progress");
+            let ready: Vec<usize> = (0..vcpus.len())
+                .filter(|&i| vcpus[i].1 == Vcpu::Ready)
+                .collect();
+            let inflight = self.wire.borrow().len();
+            let fault_hosts: Vec<usize> =
+                (0..hosts).filter(|&h| !self.faults[h].is_empty()).collect();
+            if ready.is_empty() && inflight == 0 && fault_hosts.is_empty() {
+                let stuck: Vec<_> = vcpus.iter().filter(|v| v.1 != Vcpu::Done).collect();
+                assert!(stuck.is_empty(), "deadlock: {stuck:?}");
+                break;
+            }
+            match rng.below(3) {
+                0 if !ready.is_empty() => {
+                    let i = ready[rng.below(ready.len())];
+                    let (h, _, done, op) = &mut vcpus[i];
+                    let h = *h;
+                    let _ = done;
+                    if op.0 == u64::MAX {
+                        *op = (rng.below(self.pages as usize) as u64, rng.below(2) == 0);
+                    }
+                    let (pfn, write) = *op;
+                    if self.access(h, pfn, write) {
+                        let v = &mut vcpus[i];
+                        v.2 += 1;
+                        v.3 = (u64::MAX, false);
+                        v.1 = if v.2 >= ops { Vcpu::Done } else { Vcpu::Ready };
+                    } else {
+                        vcpus[i].1 = Vcpu::Waiting(pfn);
+                    }
+                }
+                1 if inflight > 0 => {
+                    let (from, to, msg) = self.wire.borrow_mut().swap_remove(rng.below(inflight));
+                    self.engines[usize::from(to.0)].on_message(from, msg);
+                }
+                2 if !fault_hosts.is_empty() => {
+                    let h = fault_hosts[rng.below(fault_hosts.len())];
+                    let k = rng.below(self.faults[h].len());
+                    let (pfn, w, wp) = self.faults[h].remove(k);
+                    self.engines[h].on_fault(pfn, w, wp);
+                }
+                _ => continue,
+            }
+            for (h, m) in self.mems.iter().enumerate() {
+                let woken: Vec<Pfn> = m.woken.borrow_mut().drain().collect();
+                for v in vcpus.iter_mut().filter(|v| v.0 == h) {
+                    if let Vcpu::Waiting(p) = v.1 {
+                        if woken.contains(&p) {
+                            v.1 = Vcpu::Ready;
+                        }
+                    }
+                }
+            }
+            self.check();
+        }
+        self.check_directories();
+    }
+
+    fn stats(&self) -> (u64, u64) {
+        let mut txns = 0;
+        for e in &self.engines {
+            let s = e.stats().snapshot();
+            assert_eq!(s.protocol_errors, 0, "{s:?}");
+            txns += s.home_transactions;
+        }
+        (txns, self.next_value - 1)
+    }
+
+    fn check_directories(&self) {
+        for pfn in 0..self.pages {
+            let states: Vec<Local> = self
+                .engines
+                .iter()
+                .map(|e| e.local_state(pfn).unwrap())
+                .collect();
+            for (h, m) in self.mems.iter().enumerate() {
+                let present = m.pages.borrow().get(&pfn).map(|p| p.1);
+                let want = match states[h] {
+                    Local::Invalid => None,
+                    Local::Shared => Some(false),
+                    Local::Exclusive => Some(true),
+                };
+                assert_eq!(present, want, "host {h} pfn {pfn}: mapping vs state");
+            }
+        }
+        for e in &self.engines {
+            assert!(e.is_quiescent(), "engine not quiescent at the end");
+        }
+        for pfn in 0..self.pages {
+            let home = self.engines[0].home(pfn);
+            let (owner, sharers) = self.engines[usize::from(home.0)].dir_state(pfn);
+            for (h, e) in self.engines.iter().enumerate() {
+                let id = HostId(h as u16);
+                let want = if owner == Some(id) {
+                    Local::Exclusive
+                } else if sharers.contains(&id) {
+                    Local::Shared
+                } else {
+                    Local::Invalid
+                };
+                assert_eq!(
+                    e.local_state(pfn),
+                    Some(want),
+                    "pfn {pfn} host {h} vs directory"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn random_schedules_keep_pages_coherent() {
+    let (mut txns, mut writes) = (0, 0);
+    for seed in 1..=300u64 {
+        let hosts = 2 + (seed % 3) as u16;
+        let mut sim = Sim::new(hosts, 3, 1 + seed % 2);
+        sim.run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 2, 30);
+        let (t, w) = sim.stats();
+        txns += t;
+        writes += w;
+    }
+    assert!(
+        txns > 10_000 && writes > 10_000,
+        "{txns} transactions, {writes} writes"
+    );
+}
+
+#[test]
+fn hot_single_page_with_many_vcpus() {
+    for seed in 1..=50u64 {
+        let mut sim = Sim::new(3, 1, 1);
+        sim.run(seed.wrapping_mul(0xd1b5_4a32_d192_ed03), 3, 40);
+        sim.stats();
+    }
+}
+
+#[test]
+fn untouched_pages_cost_no_page_transfer() {
+    let mut sim = Sim::new(2, 4, 1);
+    // Host 0 reads every page once: pages homed on host 1 cost a request, never page data.
+    for pfn in 0..4 {
+        assert!(!sim.access(0, pfn, false));
+        let (p, w, wp) = sim.faults[0].pop().unwrap();
+        sim.engines[0].on_fault(p, w, wp);
+        loop {
+            let next = sim.wire.borrow_mut().pop();
+            let Some((from, to, msg)) = next else { break };
+            assert!(!matches!(msg, Message::PageData { .. }), "{msg:?}");
+            sim.engines[usize::from(to.0)].on_message(from, msg);
+        }
+        assert!(sim.access(0, pfn, false));
+    }
+}

@@ -1,0 +1,100 @@
+//! Slow guest tests (run by `scripts/test.sh --slow`, `#[ignore]`d otherwise: guest kernel code
+//! is emulated on this project's machines, so these take many minutes each).
+//!
+//! - Debian's **stock** kernel (unmodified distro kernel) with an initramfs holding its virtio
+//!   modules boots to userspace and powers off.
+//! - The Debian bookworm image boots with systemd to multi-user over virtio-blk, runs a command,
+//!   powers off, and the file the command wrote is in the image afterwards.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ssi_tests::{artifact, lean_kernel, run_vmm};
+
+#[test]
+#[ignore = "slow: stock Debian kernel boot under instruction emulation (scripts/test.sh --slow)"]
+fn stock_debian_kernel_boots_to_userspace() {
+    let p = artifact("images/build-stock-kernel.sh");
+    assert_eq!(
+        p.len(),
+        2,
+        "stock kernel script prints vmlinux and initramfs"
+    );
+    let run = run_vmm(
+        &[
+            "run",
+            "--kernel",
+            p[0].to_str().unwrap_or_default(),
+            "--initrd",
+            p[1].to_str().unwrap_or_default(),
+            "--memory",
+            "1G",
+            "--append",
+            "ssi.test=boot",
+        ],
+        &["SSI-VMM-USERSPACE-UP", "SSI-VMM-BOOT-OK"],
+        Duration::from_secs(2400),
+    );
+    run.assert_clean_exit();
+    let up = run.mark("SSI-VMM-USERSPACE-UP").expect("userspace");
+    eprintln!(
+        "stock kernel: userspace after {up:?}, total {:?}",
+        run.elapsed
+    );
+    assert!(run.console.contains("SSI-VMM-BOOT-OK"), "{}", run.console);
+    assert!(!run.console.contains("segfault"), "{}", run.console);
+}
+
+fn sparse_copy(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(st.success(), "copy of the Debian image failed");
+}
+
+#[test]
+#[ignore = "slow: Debian image with systemd under instruction emulation (scripts/test.sh --slow)"]
+fn debian_image_reaches_multi_user_and_keeps_written_file() {
+    let image = artifact("images/build-debian.sh")
+        .pop()
+        .expect("debian image");
+    let disk = std::env::temp_dir().join(format!("ssi-debian-{}.img", std::process::id()));
+    sparse_copy(&image, &disk);
+    let token = format!("written-by-guest-{}", std::process::id());
+    let append = format!(
+        "root=/dev/vda rw ssi.cmd=uname+-a;echo+{token}>/root/ssi-vmm-written;systemctl+is-system-running"
+    );
+    let run = run_vmm(
+        &[
+            "run",
+            "--kernel",
+            lean_kernel().to_str().unwrap_or_default(),
+            "--memory",
+            "1G",
+            "--disk",
+            disk.to_str().unwrap_or_default(),
+            "--append",
+            &append,
+        ],
+        &["SSI-VMM-MULTI-USER", "SSI-VMM-CMD-EXIT"],
+        Duration::from_secs(3000),
+    );
+    run.assert_clean_exit();
+    let mu = run.mark("SSI-VMM-MULTI-USER").expect("multi-user reached");
+    eprintln!(
+        "debian image: multi-user after {mu:?}, total {:?}",
+        run.elapsed
+    );
+    assert!(run.value("SSI-VMM-CMD-EXIT").is_some(), "{}", run.console);
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /root/ssi-vmm-written"])
+        .arg(&disk)
+        .output()
+        .expect("debugfs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), token);
+    let _ = std::fs::remove_file(disk);
+}
