@@ -154,6 +154,14 @@ pub fn run_vmm(args: &[&str], markers: &[&str], deadline: Duration) -> Run {
         s
     });
     let mut console = String::new();
+    // SSI_CONSOLE_LOG=FILE: also append the console to FILE as it arrives (to watch long boots).
+    let mut tee = std::env::var_os("SSI_CONSOLE_LOG").and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
     let mut marks = Vec::new();
     let mut status = None;
     loop {
@@ -164,6 +172,10 @@ pub fn run_vmm(args: &[&str], markers: &[&str], deadline: Duration) -> Run {
                     if line.contains(m) && !marks.iter().any(|(x, _): &(String, Duration)| x == m) {
                         marks.push((m.to_string(), start.elapsed()));
                     }
+                }
+                if let Some(f) = tee.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
                 }
                 console.push_str(&line);
                 console.push('\n');

@@ -1,7 +1,8 @@
 //! `bench`: boot benchmarks of ssi-vmm, printed as Markdown for `docs/BENCHMARKS.md`.
 //!
 //! ```text
-//! cargo run --release -p ssi-tests --bin bench -- boot [--stock] [--runs N]
+//! cargo run --release -p ssi-tests --bin bench -- boot [--stock | --only-stock] [--runs N]
+//! (SSI_CONSOLE_LOG=FILE tees the guest consoles to FILE)
 //! ```
 //! For each configuration (lean kernel + busybox initramfs with 1 and 2 vCPUs; with `--stock`
 //! also Debian's stock kernel + its initramfs) it boots the guest with `ssi.test=nproc`, takes
@@ -55,16 +56,17 @@ fn main() {
         eprintln!("usage: bench boot [--stock] [--runs N]");
         std::process::exit(2);
     }
-    let stock = args.iter().any(|a| a == "--stock");
+    let stock = args.iter().any(|a| a == "--stock" || a == "--only-stock");
     let runs: usize = args
         .iter()
         .position(|a| a == "--runs")
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    let only_stock = args.iter().any(|a| a == "--only-stock");
     let (lk, li) = (lean_kernel(), initramfs());
     let mut configs = vec![];
-    for cpus in [1, 2] {
+    for cpus in [1, 2].into_iter().filter(|_| !only_stock) {
         configs.push(Config {
             name: "lean".into(),
             kernel: lk.clone(),
