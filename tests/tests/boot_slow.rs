@@ -34,7 +34,7 @@ fn stock_debian_kernel_boots_to_userspace() {
             "ssi.test=boot",
         ],
         &["SSI-VMM-USERSPACE-UP", "SSI-VMM-BOOT-OK"],
-        Duration::from_secs(2400),
+        Duration::from_secs(4200),
     );
     run.assert_clean_exit();
     let up = run.mark("SSI-VMM-USERSPACE-UP").expect("userspace");

@@ -113,7 +113,7 @@ fn main() {
                     stats.to_str().unwrap_or_default(),
                 ],
                 &["SSI-VMM-USERSPACE-UP"],
-                Duration::from_secs(1800),
+                Duration::from_secs(4200),
             );
             let json = std::fs::read_to_string(&stats).unwrap_or_default();
             let _ = std::fs::remove_file(&stats);
