@@ -11,6 +11,12 @@ slow=0
 
 step() { echo; echo "=== $* ($(date +%T))"; }
 
+step "host packages"
+# mkfs.ext4/debugfs for the virtio-blk test; the kernel and image scripts install their own.
+if ! command -v mkfs.ext4 >/dev/null || ! command -v debugfs >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends e2fsprogs || { apt-get update -q && apt-get install -y -q --no-install-recommends e2fsprogs; }
+fi
 step "rustfmt"
 cargo fmt --all --check
 step "clippy"
