@@ -127,47 +127,48 @@ fn hex(b: &[u8]) -> String {
         .join(" ")
 }
 
-/// Reads guest virtual memory through the vCPU's page tables (`KVM_TRANSLATE`).
+/// Walks `len` bytes of guest virtual memory from `gva` page by page through the vCPU's page
+/// tables (`KVM_TRANSLATE`), calling `f(offset, length, guest physical address)` per piece.
+fn for_each_phys(
+    vcpu: &VcpuFd,
+    gva: u64,
+    len: usize,
+    need_write: bool,
+    mut f: impl FnMut(usize, usize, GuestAddress) -> Result<(), ()>,
+) -> Result<(), Error> {
+    let mut done = 0;
+    while done < len {
+        let va = gva.wrapping_add(done as u64);
+        let t = vcpu
+            .translate_gva(va)
+            .map_err(|e| Error::Kvm("TRANSLATE", e))?;
+        if t.valid == 0 || (need_write && t.writeable == 0) {
+            return Err(Error::GuestRead(va));
+        }
+        let n = (4096 - (va & 0xfff) as usize).min(len - done);
+        f(done, n, GuestAddress(t.physical_address)).map_err(|_| Error::GuestRead(va))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads guest virtual memory through the vCPU's page tables.
 pub fn read_virt(
     vcpu: &VcpuFd,
     mem: &GuestMemoryMmap,
     gva: u64,
     buf: &mut [u8],
 ) -> Result<(), Error> {
-    let mut done = 0;
-    while done < buf.len() {
-        let va = gva.wrapping_add(done as u64);
-        let t = vcpu
-            .translate_gva(va)
-            .map_err(|e| Error::Kvm("TRANSLATE", e))?;
-        if t.valid == 0 {
-            return Err(Error::GuestRead(va));
-        }
-        let n = (4096 - (va & 0xfff) as usize).min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + n], GuestAddress(t.physical_address))
-            .map_err(|_| Error::GuestRead(va))?;
-        done += n;
-    }
-    Ok(())
+    for_each_phys(vcpu, gva, buf.len(), false, |off, n, gpa| {
+        mem.read_slice(&mut buf[off..off + n], gpa).map_err(|_| ())
+    })
 }
 
+/// Writes guest virtual memory through the vCPU's page tables (the page must be writable).
 fn write_virt(vcpu: &VcpuFd, mem: &GuestMemoryMmap, gva: u64, data: &[u8]) -> Result<(), Error> {
-    // Only called for 4-byte operands; split at a page boundary like read_virt.
-    let mut done = 0;
-    while done < data.len() {
-        let va = gva.wrapping_add(done as u64);
-        let t = vcpu
-            .translate_gva(va)
-            .map_err(|e| Error::Kvm("TRANSLATE", e))?;
-        if t.valid == 0 || t.writeable == 0 {
-            return Err(Error::GuestRead(va));
-        }
-        let n = (4096 - (va & 0xfff) as usize).min(data.len() - done);
-        mem.write_slice(&data[done..done + n], GuestAddress(t.physical_address))
-            .map_err(|_| Error::GuestRead(va))?;
-        done += n;
-    }
-    Ok(())
+    for_each_phys(vcpu, gva, data.len(), true, |off, n, gpa| {
+        mem.write_slice(&data[off..off + n], gpa).map_err(|_| ())
+    })
 }
 
 fn fetch(vcpu: &VcpuFd, mem: &GuestMemoryMmap, rip: u64) -> Vec<u8> {
