@@ -313,6 +313,11 @@ impl DsmMemory {
         self.inner.engine().is_quiescent()
     }
 
+    /// The live counters, for a reporter thread.
+    pub fn stats_source(&self) -> Arc<crate::stats::Stats> {
+        self.inner.stats.clone()
+    }
+
     /// A snapshot of this host's counters.
     pub fn stats(&self) -> DsmStats {
         self.inner.stats.snapshot()

@@ -312,12 +312,12 @@ mod tests {
             Err(ReadError::Decode(Error::BadMagic(_)))
         ));
         let mut v2 = b.clone();
-        v2[9] = 2; // version low byte
+        v2[9] = 1; // version low byte: a version-1 peer
         assert!(matches!(
             Handshake::read(&mut Cursor::new(v2)),
             Err(ReadError::Decode(Error::VersionMismatch {
-                ours: 1,
-                theirs: 2
+                ours: crate::PROTOCOL_VERSION,
+                theirs: 1
             }))
         ));
         // An HTTP request is not a handshake, and a huge length is refused.

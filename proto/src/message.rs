@@ -165,9 +165,10 @@ pub enum Message {
         /// Why.
         reason: NackReason,
     },
-    /// Inter-processor interrupt for a vCPU running on the receiving host (reserved).
+    /// An interrupt message (IPI or IOAPIC message) for the local APICs of the receiving host;
+    /// the receiver matches it against its own vCPUs' APICs.
     Ipi {
-        /// Destination APIC ID.
+        /// Destination field (APIC ID, or logical mask when `flags & IPI_LOGICAL`).
         dest_apic: u32,
         /// Vector.
         vector: u8,
@@ -175,6 +176,20 @@ pub enum Message {
         delivery: u8,
         /// Level-triggered?
         level: bool,
+        /// `IPI_LOGICAL` | shorthand << 1 (0 none, 1 self, 2 all, 3 all but self).
+        flags: u8,
+        /// Sending vCPU index, or `IPI_FROM_DEVICE`.
+        source: u32,
+    },
+    /// End of interrupt for a level-triggered vector, for the IOAPIC's host.
+    Eoi {
+        /// Vector.
+        vector: u8,
+    },
+    /// Periodic status of a host, sent to host 0 (JSON text).
+    Status {
+        /// JSON object.
+        json: String,
     },
     /// MMIO access forwarded to the host that emulates the device (reserved).
     Mmio {
@@ -246,6 +261,11 @@ fn access_from(v: u8) -> Result<Access, Error> {
     enum_from(&[Access::Read, Access::Write], "access", v)
 }
 
+/// `Ipi` flag: the destination is a logical APIC mask.
+pub const IPI_LOGICAL: u8 = 1;
+/// `Ipi` source of a device (IOAPIC) message.
+pub const IPI_FROM_DEVICE: u32 = u32::MAX;
+
 /// Message tags (first byte of an encoded message).
 pub mod tag {
     /// `ReadReq`.
@@ -268,6 +288,8 @@ pub mod tag {
     pub const NACK: u8 = 0x18;
     /// `Ipi`.
     pub const IPI: u8 = 0x30;
+    /// `Eoi`.
+    pub const EOI: u8 = 0x31;
     /// `Mmio`.
     pub const MMIO: u8 = 0x40;
     /// `Pio`.
@@ -280,6 +302,8 @@ pub mod tag {
     pub const PONG: u8 = 0x51;
     /// `Stop`.
     pub const STOP: u8 = 0x52;
+    /// `Status`.
+    pub const STATUS: u8 = 0x53;
     /// `Error`.
     pub const ERROR: u8 = 0x5f;
 }
@@ -309,8 +333,10 @@ impl Message {
             | GrantAck { .. }
             | Nack { .. } => Service::Dsm,
             Ipi { .. } => Service::Vcpu,
-            Mmio { .. } | Pio { .. } | IoReply { .. } => Service::Io,
-            Ping { .. } | Pong { .. } | Stop { .. } | Error { .. } => Service::Control,
+            Mmio { .. } | Pio { .. } | IoReply { .. } | Eoi { .. } => Service::Io,
+            Ping { .. } | Pong { .. } | Stop { .. } | Status { .. } | Error { .. } => {
+                Service::Control
+            }
         }
     }
 
@@ -328,6 +354,8 @@ impl Message {
             GrantAck { .. } => "GrantAck",
             Nack { .. } => "Nack",
             Ipi { .. } => "Ipi",
+            Eoi { .. } => "Eoi",
+            Status { .. } => "Status",
             Mmio { .. } => "Mmio",
             Pio { .. } => "Pio",
             IoReply { .. } => "IoReply",
@@ -408,12 +436,24 @@ impl Message {
                 vector,
                 delivery,
                 level,
+                flags,
+                source,
             } => {
                 w.u8(tag::IPI);
                 w.u32(*dest_apic);
                 w.u8(*vector);
                 w.u8(*delivery);
                 w.bool(*level);
+                w.u8(*flags);
+                w.u32(*source);
+            }
+            Eoi { vector } => {
+                w.u8(tag::EOI);
+                w.u8(*vector);
+            }
+            Status { json } => {
+                w.u8(tag::STATUS);
+                w.str(json, MAX_STRING);
             }
             Mmio {
                 addr,
@@ -538,6 +578,14 @@ impl Message {
                 vector: r.u8("vector")?,
                 delivery: r.u8("delivery")?,
                 level: r.bool("level")?,
+                flags: r.u8("flags")?,
+                source: r.u32("source")?,
+            },
+            tag::EOI => Eoi {
+                vector: r.u8("vector")?,
+            },
+            tag::STATUS => Status {
+                json: r.str("json", MAX_STRING)?,
             },
             tag::MMIO => Mmio {
                 addr: r.u64("addr")?,
@@ -646,6 +694,12 @@ pub(crate) mod tests {
                 vector: 0xfd,
                 delivery: 0,
                 level: true,
+                flags: IPI_LOGICAL | (3 << 1),
+                source: 1,
+            },
+            Eoi { vector: 0x31 },
+            Status {
+                json: "{\"host\":1}".into(),
             },
             Mmio {
                 addr: 0xd000_0050,

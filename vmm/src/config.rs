@@ -117,8 +117,9 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
 }
 
 impl VmConfig {
-    /// Checks everything that can be checked before the VM is built.
-    pub fn validate(&self) -> Result<(), Error> {
+    /// Checks the machine shape (vCPUs, memory, disk count): what every host of a cluster
+    /// needs; files are checked by [`VmConfig::validate`] where they are used.
+    pub fn validate_machine(&self) -> Result<(), Error> {
         if self.cpus == 0 {
             return Err(Error::BadCpuCount(u32::from(self.cpus)));
         }
@@ -131,6 +132,13 @@ impl VmConfig {
         if self.disks.len() > crate::layout::VIRTIO_IRQS.len() {
             return Err(Error::TooManyDisks(crate::layout::VIRTIO_IRQS.len()));
         }
+        Ok(())
+    }
+
+    /// Checks everything [`VmConfig::validate_machine`] checks, and that the kernel, initrd
+    /// and disks can be used.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.validate_machine()?;
         let readable = |what, path: &PathBuf| {
             std::fs::File::open(path)
                 .map(|_| ())

@@ -10,9 +10,11 @@
 //! - [`irq`]: userspace local APIC and IOAPIC.
 //! - [`devices`]: serial, legacy ports, MMIO/PIO dispatch, virtio-mmio windows.
 //! - [`vcpu`]: the KVM_RUN loop, and [`vcpu::quirks`], fix-ups for emulating hosts.
-//! - [`vm`]: assembling and running a machine.
+//! - [`vm`]: assembling and running a machine, alone or as one host of a cluster.
+//! - [`cluster`]: placement, cross-host interrupts and I/O, `host`/`up`/`status`.
 
 pub mod boot;
+pub mod cluster;
 pub mod config;
 pub mod devices;
 pub mod irq;

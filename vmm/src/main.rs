@@ -21,6 +21,152 @@ struct Cli {
 enum Cmd {
     /// Boot a guest on this host.
     Run(RunArgs),
+    /// Run a host daemon: wait for a job from `ssi-vmm up`, then run this host's part of the VM.
+    Host(HostArgs),
+    /// Boot one VM across hosts: from a cluster TOML file, or on N local host processes.
+    Up(UpArgs),
+    /// Print the hosts, vCPUs and page counts of the clusters running on this machine.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// Address to listen on (for `up` and for the other hosts).
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// File holding the cluster key (at least 16 bytes).
+    #[arg(long)]
+    key_file: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Cluster TOML file (hosts, vCPUs per host, memory, kernel, disks).
+    #[arg(long, conflicts_with = "local")]
+    config: Option<PathBuf>,
+    /// Key file of the cluster's host daemons (with --config).
+    #[arg(long, requires = "config")]
+    key_file: Option<PathBuf>,
+    /// Start N host processes on this machine (loopback) and boot across them.
+    #[arg(long)]
+    local: Option<usize>,
+    /// vCPUs per host (with --local).
+    #[arg(long, default_value_t = 1)]
+    cpus_per_host: u32,
+    /// Cluster name (with --local; default local-<pid>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Guest kernel (with --local).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initrd (with --local).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (with --local).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Appended to the command line (with --local).
+    #[arg(long, default_value = "")]
+    append: String,
+    /// Guest RAM (with --local).
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    /// Disk image served by host 0, `,ro` for read-only (with --local). Repeatable.
+    #[arg(long)]
+    disk: Vec<String>,
+    /// DSM home interleave in pages (with --local).
+    #[arg(long, default_value_t = 512)]
+    home_chunk_pages: u64,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// State directory root (default $SSI_VMM_STATE_DIR or /run/ssi-vmm).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+fn parse_disk(d: &str) -> DiskConfig {
+    match d.strip_suffix(",ro") {
+        Some(p) => DiskConfig {
+            path: p.into(),
+            read_only: true,
+        },
+        None => DiskConfig {
+            path: d.into(),
+            read_only: false,
+        },
+    }
+}
+
+fn up_main(a: UpArgs) -> Result<i32, String> {
+    use vmm::cluster::{launch, spec};
+    let outcomes = match (a.config, a.local) {
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let file = spec::ClusterFile::parse(&text).map_err(|e| e.to_string())?;
+            let key_file = a
+                .key_file
+                .ok_or("--config needs --key-file (the host daemons' key)")?;
+            let key = launch::read_key(&key_file).map_err(|e| e.to_string())?;
+            let dir = vmm::cluster::status::state_root().join(&file.name);
+            launch::up(&file, &key, Some(dir)).map_err(|e| e.to_string())?
+        }
+        (None, Some(n)) => {
+            if n == 0 {
+                return Err("--local needs at least 1 host".into());
+            }
+            let kernel = a.kernel.ok_or("--local needs --kernel")?;
+            let file = spec::ClusterFile {
+                name: a
+                    .name
+                    .unwrap_or_else(|| format!("local-{}", std::process::id())),
+                memory: a.memory,
+                kernel,
+                initrd: a.initrd,
+                cmdline: a.cmdline,
+                append: a.append,
+                home_chunk_pages: a.home_chunk_pages,
+                hosts: vec![spec::HostEntry {
+                    addr: "127.0.0.1:1".into(),
+                    cpus: a.cpus_per_host,
+                }],
+                disks: a
+                    .disk
+                    .iter()
+                    .map(|d| {
+                        let d = parse_disk(d);
+                        spec::DiskEntry {
+                            path: d.path,
+                            read_only: d.read_only,
+                        }
+                    })
+                    .collect(),
+            };
+            // Check the machine here, before any process is started.
+            let f = spec::ClusterFile::parse(&file.to_toml().map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+            let mut cfg = f.vm_config().map_err(|e| e.to_string())?;
+            cfg.cpus = u8::try_from(a.cpus_per_host.saturating_mul(n as u32))
+                .map_err(|_| config::Error::BadCpuCount(a.cpus_per_host.saturating_mul(n as u32)))
+                .map_err(|e| e.to_string())?;
+            cfg.validate().map_err(|e| e.to_string())?;
+            launch::up_local(file, n, a.cpus_per_host).map_err(|e| e.to_string())?
+        }
+        _ => return Err("give either --config FILE or --local N".into()),
+    };
+    let mut code = 0;
+    for o in &outcomes {
+        eprintln!("ssi-vmm: host {}: exit {}: {}", o.host, o.code, o.reason);
+        if code == 0 {
+            code = o.code;
+        }
+    }
+    if let Some(o) = outcomes.first().filter(|o| o.code != 0) {
+        code = o.code;
+    }
+    Ok(code)
 }
 
 #[derive(clap::Args)]
@@ -54,20 +200,7 @@ struct RunArgs {
 fn build_config(a: RunArgs) -> Result<VmConfig, config::Error> {
     let memory = config::parse_size(&a.memory)?;
     let cpus = u8::try_from(a.cpus).map_err(|_| config::Error::BadCpuCount(a.cpus))?;
-    let disks = a
-        .disk
-        .iter()
-        .map(|d| match d.strip_suffix(",ro") {
-            Some(p) => DiskConfig {
-                path: p.into(),
-                read_only: true,
-            },
-            None => DiskConfig {
-                path: d.into(),
-                read_only: false,
-            },
-        })
-        .collect();
+    let disks = a.disk.iter().map(|d| parse_disk(d)).collect();
     let cfg = VmConfig {
         kernel: a.kernel,
         initrd: a.initrd,
@@ -87,6 +220,36 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Host(a) => match vmm::cluster::launch::host_daemon(a.listen, &a.key_file) {
+            Ok(code) => ExitCode::from(code as u8),
+            Err(e) => {
+                eprintln!("ssi-vmm: error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Up(a) => match up_main(a) {
+            Ok(code) => ExitCode::from(code as u8),
+            Err(e) => {
+                eprintln!("ssi-vmm: error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Status(a) => {
+            let root = a.state_dir.unwrap_or_else(vmm::cluster::status::state_root);
+            match vmm::cluster::status::read_all(&root) {
+                Ok(all) => {
+                    let now = vmm::cluster::timesync::now_ns() / 1_000_000_000;
+                    for st in all {
+                        print!("{}", vmm::cluster::status::render(&st, now));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ssi-vmm: error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Run(args) => {
             let cfg = match build_config(args) {
                 Ok(c) => c,

@@ -29,11 +29,15 @@ impl StopReason {
     }
 }
 
+/// Called once with the first stop reason of this host (the cluster tells the other hosts).
+pub type StopHook = Box<dyn Fn(&StopReason) + Send + Sync>;
+
 /// Shared stop flag.
 pub struct Stopper {
     flag: AtomicBool,
     reason: Mutex<Option<StopReason>>,
     lapics: Vec<Arc<LocalApic>>,
+    hook: Mutex<Option<StopHook>>,
 }
 
 impl Stopper {
@@ -43,17 +47,41 @@ impl Stopper {
             flag: AtomicBool::new(false),
             reason: Mutex::new(None),
             lapics,
+            hook: Mutex::new(None),
         }
     }
 
-    /// Requests a stop; later requests keep the first reason.
+    /// Installs the hook run by the first [`Stopper::request`].
+    pub fn set_hook(&self, hook: StopHook) {
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Requests a stop; later requests keep the first reason. The first one also runs the hook.
     pub fn request(&self, reason: StopReason) {
-        {
-            let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
-            if r.is_none() {
-                *r = Some(reason);
+        if self.record(reason.clone()) {
+            if let Some(h) = &*self.hook.lock().unwrap_or_else(|p| p.into_inner()) {
+                h(&reason);
             }
         }
+        self.wake_all();
+    }
+
+    /// Requests a stop without running the hook (a stop that came from another host).
+    pub fn request_quiet(&self, reason: StopReason) {
+        self.record(reason);
+        self.wake_all();
+    }
+
+    fn record(&self, reason: StopReason) -> bool {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let first = r.is_none();
+        if first {
+            *r = Some(reason);
+        }
+        first
+    }
+
+    fn wake_all(&self) {
         self.flag.store(true, Ordering::SeqCst);
         for l in &self.lapics {
             // Take the APIC lock so a thread between its check and its wait cannot miss this.

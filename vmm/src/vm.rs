@@ -1,9 +1,15 @@
 //! Builds a machine from a [`VmConfig`] and runs it until the guest powers off, resets, or the
 //! VMM hits an error.
 
+use std::collections::BTreeMap;
+use std::net::TcpListener;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use proto::HostId;
+use transport::Transport;
 
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
@@ -14,6 +20,7 @@ use linux_loader::loader::bootparam::boot_params;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::{acpi, cpu, loader};
+use crate::cluster::{fabric, status, timesync, ClusterSpec, Fabric};
 use crate::config::VmConfig;
 use crate::devices::{serial, Devices};
 use crate::irq::{IrqChip, IrqLine};
@@ -57,6 +64,12 @@ pub enum Error {
     /// A thread could not be spawned.
     #[error("cannot spawn thread: {0}")]
     Thread(std::io::Error),
+    /// The cluster could not be joined.
+    #[error("cluster: {0}")]
+    Cluster(String),
+    /// Distributed guest memory failed.
+    #[error("distributed memory: {0}")]
+    Dsm(#[from] dsm_vm::Error),
 }
 
 /// What a finished run reports.
@@ -107,10 +120,53 @@ fn open_disk(
         .map_err(|e| err(e.to_string()))
 }
 
-/// Builds and runs the VM. Returns when it has stopped.
+/// Builds and runs the VM on this host alone. Returns when it has stopped.
 pub fn run(cfg: &VmConfig) -> Result<RunReport, Error> {
-    cfg.validate()?;
+    run_on(cfg, None)
+}
+
+/// Guest RAM: plain anonymous memory, or the cluster's distributed memory.
+struct Ram {
+    mem: GuestMemoryMmap,
+    /// (guest address, size, host address) of each region, for KVM.
+    slots: Vec<(u64, u64, u64)>,
+}
+
+fn local_ram(size: u64) -> Result<Ram, Error> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_regions(size)
+        .into_iter()
+        .map(|(a, l)| (GuestAddress(a), l as usize))
+        .collect();
+    let mem =
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(size, e.to_string()))?;
+    let mut slots = Vec::new();
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Memory(size, e.to_string()))?;
+        slots.push((region.start_addr().0, region.len(), host as u64));
+    }
+    Ok(Ram { mem, slots })
+}
+
+/// Builds and runs the VM, alone or as host `spec.me` of a cluster (whose transport listens
+/// on `listener`). Returns when it has stopped.
+pub fn run_on(
+    cfg: &VmConfig,
+    cluster: Option<(ClusterSpec, TcpListener)>,
+) -> Result<RunReport, Error> {
+    let me = cluster.as_ref().map(|(s, _)| s.me).unwrap_or(0);
+    if me == 0 {
+        cfg.validate()?;
+    } else {
+        cfg.validate_machine()?;
+    }
     let started = Instant::now();
+    // The cluster first: a peer that is not there is reported before anything is built.
+    let net = match cluster {
+        Some((spec, listener)) => Some(join_cluster(spec, listener)?),
+        None => None,
+    };
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     let vm = kvm.create_vm().map_err(Error::Kvm)?;
     vm.set_tss_address(KVM_TSS_ADDR)
@@ -137,64 +193,145 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, Error> {
         log::warn!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not available: {e}");
     }
 
-    let ranges: Vec<(GuestAddress, usize)> = ram_regions(cfg.memory)
-        .into_iter()
-        .map(|(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| Error::Memory(cfg.memory, e.to_string()))?;
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| Error::Memory(cfg.memory, e.to_string()))?;
+    // `dsm` is declared before everything that holds a view of its memory, so it is dropped
+    // after them.
+    let mut dsm: Option<dsm_vm::DsmMemory> = None;
+    let ram = match &net {
+        None => local_ram(cfg.memory)?,
+        Some(n) => {
+            let d = dsm_vm::DsmMemory::new(
+                dsm_vm::DsmConfig {
+                    local: HostId(n.spec.me as u16),
+                    hosts: (0..n.spec.hosts.len()).map(|h| HostId(h as u16)).collect(),
+                    regions: ram_regions(cfg.memory),
+                    home: dsm_vm::HomePolicy::Interleave {
+                        chunk_pages: n.spec.home_chunk_pages,
+                    },
+                },
+                n.transport.clone(),
+            )?;
+            // SAFETY: every holder of this view (devices, vCPUs, loaders) is dropped before
+            // `dsm`, or `dsm` is leaked when a vCPU thread cannot be joined (see the end).
+            let mem = unsafe { d.guest_memory() }?;
+            let slots = d
+                .regions()
+                .iter()
+                .map(|r| (r.guest_addr, r.size, r.host_addr))
+                .collect();
+            dsm = Some(d);
+            Ram { mem, slots }
+        }
+    };
+    let mem = ram.mem.clone();
+    for (slot, (guest, size, host)) in ram.slots.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
+            guest_phys_addr: *guest,
+            memory_size: *size,
+            userspace_addr: *host,
         };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (it is
-        // dropped after every vCPU thread has been joined at the end of this function).
+        // SAFETY: the region is a live mapping owned by `ram` or `dsm`, which outlive the VM
+        // (dropped after every vCPU thread has been joined at the end of this function, or
+        // leaked).
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| Error::KvmIoctl("SET_USER_MEMORY_REGION", e))?;
     }
+    if let Some(n) = &net {
+        timesync::set_clock(&vm, n.spec.epoch_ns);
+    }
 
-    let mut params = boot_params::default();
-    let kernel = loader::load_kernel(&mem, &cfg.kernel, &mut params)?;
-    let initrd = match &cfg.initrd {
-        Some(p) => Some(loader::load_initrd(&mem, p, cfg.memory, kernel.end)?),
-        None => None,
+    // Host 0 loads the guest; the other hosts' vCPUs wait for INIT/SIPI and see it through the
+    // DSM.
+    let mut kernel_entry = None;
+    if me == 0 {
+        let mut params = boot_params::default();
+        let kernel = loader::load_kernel(&mem, &cfg.kernel, &mut params)?;
+        let initrd = match &cfg.initrd {
+            Some(p) => Some(loader::load_initrd(&mem, p, cfg.memory, kernel.end)?),
+            None => None,
+        };
+        let apic_ids: Vec<u8> = (0..cfg.cpus).collect();
+        let mmio: Vec<acpi::MmioDevice> = (0..cfg.disks.len())
+            .map(|i| acpi::MmioDevice {
+                base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+                gsi: VIRTIO_IRQS[i],
+            })
+            .collect();
+        let rsdp = acpi::write_tables(&mem, &apic_ids, &mmio)?;
+        log::info!("kernel command line: {}", cfg.cmdline);
+        loader::write_boot_params(&mem, &mut params, &cfg.cmdline, initrd, cfg.memory, rsdp)?;
+        cpu::write_boot_tables(&mem)?;
+        kernel_entry = Some(kernel.entry);
+    }
+
+    let cpu_host: Vec<usize> = match &net {
+        Some(n) => n.spec.cpu_hosts(),
+        None => vec![0; usize::from(cfg.cpus)],
     };
-    let apic_ids: Vec<u8> = (0..cfg.cpus).collect();
-    let mmio: Vec<acpi::MmioDevice> = (0..cfg.disks.len())
-        .map(|i| acpi::MmioDevice {
-            base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
-            gsi: VIRTIO_IRQS[i],
-        })
-        .collect();
-    let rsdp = acpi::write_tables(&mem, &apic_ids, &mmio)?;
-    log::info!("kernel command line: {}", cfg.cmdline);
-    loader::write_boot_params(&mem, &mut params, &cfg.cmdline, initrd, cfg.memory, rsdp)?;
-    cpu::write_boot_tables(&mem)?;
-
-    let chip = Arc::new(IrqChip::new(cfg.cpus));
-    let stop = Arc::new(Stopper::new(chip.lapics.clone()));
+    let local: Vec<bool> = cpu_host.iter().map(|h| *h == me).collect();
+    let chip = Arc::new(IrqChip::with_local(cfg.cpus, local));
+    let stop = Arc::new(Stopper::new(chip.local_lapics()));
     let stats = Arc::new(Stats::default());
     let fixups = Arc::new(FixupStats::default());
     let console = serial::Console::new(IrqLine::new(chip.clone(), SERIAL_IRQ));
     let mut virtio = Vec::new();
-    for (i, d) in cfg.disks.iter().enumerate() {
-        let line = IrqLine::new(chip.clone(), VIRTIO_IRQS[i]);
-        virtio.push(open_disk(&d.path, d.read_only, &mem, line)?);
+    if me == 0 {
+        for (i, d) in cfg.disks.iter().enumerate() {
+            let line = IrqLine::new(chip.clone(), VIRTIO_IRQS[i]);
+            virtio.push(open_disk(&d.path, d.read_only, &mem, line)?);
+        }
     }
-    let devices = Arc::new(Devices::new(console, virtio, chip.clone(), stop.clone()));
+    let mut devices = Devices::new(console, virtio, chip.clone(), stop.clone());
+    let mut io_server = None;
+    let status = Arc::new(Mutex::new(BTreeMap::new()));
+    if let Some(n) = &net {
+        let fabric = Arc::new(Fabric::new(
+            n.transport.clone(),
+            me,
+            n.spec.hosts.len(),
+            cpu_host.clone(),
+        ));
+        chip.set_remote(fabric.clone());
+        let f2 = fabric.clone();
+        stop.set_hook(Box::new(move |r| {
+            f2.broadcast(&proto::Message::Stop {
+                reason: fabric::stop_to_wire(r),
+            })
+        }));
+        let (tx, rx) = std::sync::mpsc::channel();
+        fabric::register(&n.transport, chip.clone(), stop.clone(), tx, status.clone());
+        if me != 0 {
+            devices = devices.forwarding(fabric);
+        } else {
+            io_server = Some(rx);
+        }
+    }
+    let devices = Arc::new(devices);
+    if let Some(rx) = io_server {
+        let (d, s) = (devices.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("io-server".into())
+            .spawn(move || fabric::io_server(rx, d, s))
+            .map_err(Error::Thread)?;
+    }
+    if let (Some(n), Some(d)) = (&net, &dsm) {
+        let reporter = status::Reporter::new(n.spec.clone(), d.stats_source(), status.clone());
+        let (t, s) = (n.transport.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || reporter.run(t, s))
+            .map_err(Error::Thread)?;
+    }
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::KvmIoctl("GET_SUPPORTED_CPUID", e))?;
     let mut vcpus = Vec::new();
     for i in 0..cfg.cpus {
+        if !chip.is_local(usize::from(i)) {
+            continue;
+        }
         let fd = vm
             .create_vcpu(u64::from(i))
             .map_err(|e| Error::KvmIoctl("CREATE_VCPU", e))?;
@@ -203,8 +340,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, Error> {
         fd.set_cpuid2(&cpuid)
             .map_err(|e| Error::KvmIoctl("SET_CPUID2", e))?;
         cpu::setup_fpu_msrs(&fd, i == 0)?;
-        if i == 0 {
-            cpu::setup_boot_cpu(&fd, kernel.entry)?;
+        if let (0, Some(entry)) = (i, kernel_entry) {
+            cpu::setup_boot_cpu(&fd, entry)?;
+        }
+        if let Some(n) = &net {
+            timesync::set_tsc(&fd, n.spec.epoch_ns);
         }
         let tsc_khz = u64::from(fd.get_tsc_khz().unwrap_or(1_000_000));
         vcpus.push(Vcpu {
@@ -223,7 +363,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, Error> {
     vcpu::install_kick_handler().map_err(Error::Thread)?;
 
     let mut timers = Vec::new();
-    for l in &chip.lapics {
+    for l in &chip.local_lapics() {
         let (l, s) = (l.clone(), stop.clone());
         timers.push(
             std::thread::Builder::new()
@@ -246,21 +386,33 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, Error> {
             }
         }
     }
-    {
+    if me == 0 {
         let d = devices.clone();
         // Detached: it blocks in read(2) on stdin and dies with the process.
         let _ = std::thread::Builder::new()
             .name("stdin".into())
             .spawn(move || serial::stdin_pump(d));
     }
-    for t in threads {
-        if t.join().is_err() {
-            stop.request(StopReason::Error("a vCPU thread panicked".into()));
-        }
-    }
+    let stuck = join_all(threads, &stop);
     stop.request(StopReason::Error("all vCPUs stopped".into()));
     for t in timers {
         let _ = t.join();
+    }
+    if let Some(n) = &net {
+        // Let the Stop message reach the other hosts before the connections close.
+        std::thread::sleep(Duration::from_millis(300));
+        n.shutdown();
+    }
+    if stuck {
+        // A vCPU is blocked on a page that nobody will send: its thread still uses guest RAM,
+        // so the mapping must outlive this function. The process exits right after.
+        log::warn!("a vCPU thread did not stop (waiting on a lost page); leaving it behind");
+        std::mem::forget(devices);
+        std::mem::forget(mem);
+        std::mem::forget(ram);
+        if let Some(d) = dsm.take() {
+            std::mem::forget(d);
+        }
     }
     let reason = stop
         .reason()
@@ -272,5 +424,80 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, Error> {
         exits: stats.exits().into_iter().collect(),
         interrupts_injected: stats.injected.load(std::sync::atomic::Ordering::Relaxed),
         fixups: fixups.counts(),
+    })
+}
+
+/// How long vCPU threads get to finish once the machine is stopping.
+const JOIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Joins vCPU threads; once a stop was requested, waits at most [`JOIN_GRACE`]. Returns true
+/// if some thread is still running (blocked on guest memory).
+fn join_all(mut threads: Vec<JoinHandle<()>>, stop: &Stopper) -> bool {
+    let mut stopped_at: Option<Instant> = None;
+    while !threads.is_empty() {
+        let (done, running): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            if t.join().is_err() {
+                stop.request(StopReason::Error("a vCPU thread panicked".into()));
+            }
+        }
+        threads = running;
+        if stop.stopped() {
+            let at = *stopped_at.get_or_insert_with(Instant::now);
+            if at.elapsed() > JOIN_GRACE && !threads.is_empty() {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A host's live membership in a cluster.
+struct Net {
+    spec: ClusterSpec,
+    transport: Arc<dyn Transport>,
+    tcp: Arc<transport::TcpTransport>,
+}
+
+impl Net {
+    fn shutdown(&self) {
+        self.tcp.shutdown();
+    }
+}
+
+/// How long a host waits for every other host to connect.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn join_cluster(spec: ClusterSpec, listener: TcpListener) -> Result<Net, Error> {
+    let peers = spec
+        .hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != spec.me)
+        .map(|(i, h)| (HostId(i as u16), h.addr))
+        .collect();
+    let cfg = transport::TcpConfig::new(HostId(spec.me as u16), peers, spec.cluster_id, &spec.key);
+    let tcp =
+        transport::TcpTransport::start(cfg, listener).map_err(|e| Error::Cluster(e.to_string()))?;
+    log::info!(
+        "host {} of cluster {:?}: waiting for {} peer(s)",
+        spec.me,
+        spec.name,
+        spec.hosts.len() - 1
+    );
+    if let Err(e) = tcp.wait_connected(JOIN_TIMEOUT) {
+        tcp.shutdown();
+        return Err(Error::Cluster(format!(
+            "not every host joined within {}s: {e}",
+            JOIN_TIMEOUT.as_secs()
+        )));
+    }
+    log::info!("host {}: all {} hosts connected", spec.me, spec.hosts.len());
+    let transport: Arc<dyn Transport> = tcp.clone();
+    Ok(Net {
+        spec,
+        transport,
+        tcp,
     })
 }

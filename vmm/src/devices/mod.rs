@@ -2,8 +2,9 @@
 //!
 //! Port I/O: COM1 (16550, vm-superio), the i8042 reset line, the ACPI sleep registers.
 //! MMIO: the local APIC (per vCPU), the IOAPIC and virtio-mmio windows. Unclaimed reads return
-//! all-ones like an empty bus; unclaimed writes are dropped. Each device has a home host; for
-//! now every device is local.
+//! all-ones like an empty bus; unclaimed writes are dropped. Every device lives on host 0;
+//! on the other hosts of a cluster every access but the local APIC's is forwarded there
+//! ([`crate::cluster::fabric`]).
 
 pub mod legacy;
 pub mod serial;
@@ -11,9 +12,12 @@ pub mod serial;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use proto::Message;
+
+use crate::cluster::Fabric;
 use crate::irq::IrqChip;
 use crate::layout::*;
-use crate::stop::Stopper;
+use crate::stop::{StopReason, Stopper};
 
 /// All devices of the machine.
 pub struct Devices {
@@ -21,6 +25,8 @@ pub struct Devices {
     legacy: legacy::Legacy,
     virtio: Vec<Mutex<virtio_mmio::MmioTransport>>,
     chip: Arc<IrqChip>,
+    stop: Arc<Stopper>,
+    forward: Option<Arc<Fabric>>,
 }
 
 impl Devices {
@@ -33,9 +39,31 @@ impl Devices {
     ) -> Self {
         Devices {
             serial: Mutex::new(serial),
-            legacy: legacy::Legacy::new(stop),
+            legacy: legacy::Legacy::new(stop.clone()),
             virtio: virtio.into_iter().map(Mutex::new).collect(),
             chip,
+            stop,
+            forward: None,
+        }
+    }
+
+    /// Devices of a host that has none: every access but the local APIC's goes to host 0.
+    pub fn forwarding(mut self, fabric: Arc<Fabric>) -> Self {
+        self.forward = Some(fabric);
+        self
+    }
+
+    /// Forwards an access if the devices live elsewhere; returns the value read.
+    fn forwarded(&self, msg: Message) -> Option<u64> {
+        let f = self.forward.as_ref()?;
+        match f.forward(msg) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                if !self.stop.stopped() {
+                    self.stop.request(StopReason::Error(e.to_string()));
+                }
+                Some(u64::MAX)
+            }
         }
     }
 
@@ -46,6 +74,16 @@ impl Devices {
 
     /// `IN` from `port`.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        let size = data.len() as u8;
+        if let Some(v) = self.forwarded(Message::Pio {
+            port,
+            size,
+            write: false,
+            data: 0,
+        }) {
+            put(data, v as u32);
+            return;
+        }
         match port {
             0x3f8..=0x3ff => {
                 let v = lock(&self.serial).read((port - 0x3f8) as u8);
@@ -64,6 +102,16 @@ impl Devices {
 
     /// `OUT` to `port`.
     pub fn pio_write(&self, port: u16, data: &[u8]) {
+        if self.forward.is_some() {
+            let msg = Message::Pio {
+                port,
+                size: data.len() as u8,
+                write: true,
+                data: get(data),
+            };
+            self.forwarded(msg);
+            return;
+        }
         match port {
             0x3f8..=0x3ff => {
                 if let Some(&v) = data.first() {
@@ -82,6 +130,13 @@ impl Devices {
                 None => 0,
             };
             put(data, v);
+        } else if let Some(v) = self.forwarded(Message::Mmio {
+            addr,
+            size: data.len() as u8,
+            write: false,
+            data: 0,
+        }) {
+            put64(data, v);
         } else if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
             put(data, self.chip.ioapic_read(off));
         } else if let Some((dev, off)) = self.virtio_window(addr) {
@@ -109,6 +164,14 @@ impl Devices {
                     l.changed.notify_all();
                 }
             }
+        } else if self.forward.is_some() {
+            let msg = Message::Mmio {
+                addr,
+                size: data.len() as u8,
+                write: true,
+                data: get64(data),
+            };
+            self.forwarded(msg);
         } else if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
             self.chip.ioapic_write(off, get(data));
         } else if let Some((dev, off)) = self.virtio_window(addr) {
@@ -138,6 +201,21 @@ fn put(data: &mut [u8], v: u32) {
     for (i, d) in data.iter_mut().enumerate() {
         *d = b.get(i).copied().unwrap_or(0);
     }
+}
+
+fn put64(data: &mut [u8], v: u64) {
+    let b = v.to_le_bytes();
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = b.get(i).copied().unwrap_or(0);
+    }
+}
+
+fn get64(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    for (i, d) in data.iter().take(8).enumerate() {
+        b[i] = *d;
+    }
+    u64::from_le_bytes(b)
 }
 
 fn get(data: &[u8]) -> u32 {

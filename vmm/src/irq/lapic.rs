@@ -56,6 +56,18 @@ pub enum DeliveryMode {
 }
 
 impl DeliveryMode {
+    /// The 3-bit delivery-mode field.
+    pub fn to_bits(self) -> u8 {
+        match self {
+            Self::Fixed => 0,
+            Self::LowestPriority => 1,
+            Self::Nmi => 4,
+            Self::Init => 5,
+            Self::StartUp => 6,
+            Self::Other(x) => x & 7,
+        }
+    }
+
     /// Decodes the 3-bit delivery-mode field.
     pub fn from_bits(b: u32) -> Self {
         match b & 7 {

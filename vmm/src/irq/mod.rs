@@ -5,48 +5,103 @@
 pub mod ioapic;
 pub mod lapic;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use lapic::{Effect, LocalApic, Message, Shorthand};
 
+/// Where interrupt messages go when they leave this host (implemented by the cluster fabric).
+pub trait RemoteIrq: Send + Sync {
+    /// Sends `msg` (from vCPU `from`, or a device) to every other host whose vCPUs it may
+    /// target; each receiver matches it against its own local APICs.
+    fn send(&self, msg: &Message, from: Option<usize>);
+    /// A level-triggered EOI for the IOAPIC, which lives on another host.
+    fn eoi(&self, vector: u8);
+}
+
 /// The machine's interrupt fabric.
 pub struct IrqChip {
-    /// Local APICs, indexed by vCPU index.
+    /// Local APICs, indexed by vCPU index (every vCPU of the machine has one; only those of
+    /// this host's vCPUs are driven here).
     pub lapics: Vec<Arc<LocalApic>>,
+    local: Vec<bool>,
     ioapic: Mutex<ioapic::Ioapic>,
+    remote: OnceLock<Arc<dyn RemoteIrq>>,
 }
 
 impl IrqChip {
-    /// APIC IDs are the vCPU indexes; the IOAPIC takes the next ID.
+    /// APIC IDs are the vCPU indexes; the IOAPIC takes the next ID. Every vCPU is local.
     pub fn new(ncpus: u8) -> Self {
+        Self::with_local(ncpus, vec![true; usize::from(ncpus)])
+    }
+
+    /// A chip of which only the vCPUs with `local[i]` run on this host.
+    pub fn with_local(ncpus: u8, local: Vec<bool>) -> Self {
         IrqChip {
             lapics: (0..ncpus)
                 .map(|i| Arc::new(LocalApic::new(i, i == 0)))
                 .collect(),
+            local,
             ioapic: Mutex::new(ioapic::Ioapic::new(ncpus)),
+            remote: OnceLock::new(),
         }
+    }
+
+    /// Connects the chip to the other hosts (once, before any vCPU runs).
+    pub fn set_remote(&self, remote: Arc<dyn RemoteIrq>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Whether vCPU `i` runs on this host.
+    pub fn is_local(&self, i: usize) -> bool {
+        self.local.get(i).copied().unwrap_or(false)
+    }
+
+    /// The local APICs of this host's vCPUs.
+    pub fn local_lapics(&self) -> Vec<Arc<LocalApic>> {
+        self.lapics
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.is_local(*i))
+            .map(|(_, l)| l.clone())
+            .collect()
     }
 
     fn ioapic(&self) -> std::sync::MutexGuard<'_, ioapic::Ioapic> {
         self.ioapic.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Delivers a message sent by vCPU `from` (None for devices).
+    /// Delivers a message sent by vCPU `from` (None for devices), here and on other hosts.
     pub fn deliver(&self, msg: &Message, from: Option<usize>) {
+        if msg.shorthand != Shorthand::SelfOnly {
+            if let Some(r) = self.remote.get() {
+                r.send(msg, from);
+            }
+        }
+        self.deliver_local(msg, from);
+    }
+
+    /// Delivers a message to the matching APICs of this host's vCPUs only (messages that
+    /// arrive from other hosts).
+    pub fn deliver_local(&self, msg: &Message, from: Option<usize>) {
+        let local = self
+            .lapics
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.is_local(*i));
         let targets: Vec<&Arc<LocalApic>> = match msg.shorthand {
-            Shorthand::SelfOnly => from.and_then(|i| self.lapics.get(i)).into_iter().collect(),
-            Shorthand::AllIncludingSelf => self.lapics.iter().collect(),
-            Shorthand::AllExcludingSelf => self
-                .lapics
-                .iter()
-                .enumerate()
+            Shorthand::SelfOnly => from
+                .filter(|i| self.is_local(*i))
+                .and_then(|i| self.lapics.get(i))
+                .into_iter()
+                .collect(),
+            Shorthand::AllIncludingSelf => local.map(|(_, l)| l).collect(),
+            Shorthand::AllExcludingSelf => local
                 .filter(|(i, _)| Some(*i) != from)
                 .map(|(_, l)| l)
                 .collect(),
             Shorthand::None => {
-                let mut t: Vec<&Arc<LocalApic>> = self
-                    .lapics
-                    .iter()
+                let mut t: Vec<&Arc<LocalApic>> = local
+                    .map(|(_, l)| l)
                     .filter(|l| l.lock().matches(msg.dest, msg.logical))
                     .collect();
                 if msg.mode == lapic::DeliveryMode::LowestPriority {
@@ -67,12 +122,19 @@ impl IrqChip {
     pub fn apply(&self, effect: Effect, from: usize) {
         match effect {
             Effect::Ipi(m) => self.deliver(&m, Some(from)),
-            Effect::LevelEoi(v) => {
-                let msgs = self.ioapic().eoi(v);
-                for m in msgs {
-                    self.deliver(&m, None);
-                }
-            }
+            Effect::LevelEoi(v) => match (self.remote.get(), self.is_local(0)) {
+                // The IOAPIC lives with vCPU 0 (host 0).
+                (Some(r), false) => r.eoi(v),
+                _ => self.eoi(v),
+            },
+        }
+    }
+
+    /// A level-triggered EOI reaching this host's IOAPIC.
+    pub fn eoi(&self, vector: u8) {
+        let msgs = self.ioapic().eoi(vector);
+        for m in msgs {
+            self.deliver(&m, None);
         }
     }
 

@@ -1,0 +1,399 @@
+//! The runtime links between the hosts of one machine.
+//!
+//! - Interrupt messages ([`crate::irq::RemoteIrq`]): an IPI or IOAPIC message that may target a
+//!   vCPU of another host is sent there as `Ipi` and matched against that host's own local
+//!   APICs (physical destinations go to the one host that has the vCPU; logical, broadcast and
+//!   shorthand destinations go to every other host). Level-triggered EOIs go to host 0, which
+//!   has the IOAPIC, as `Eoi`.
+//! - Forwarded I/O: every device lives on host 0; a PIO or MMIO exit (other than the local
+//!   APIC) on another host becomes an `Mmio`/`Pio` request, answered with `IoReply`. Host 0
+//!   serves them on its own `io-server` thread, never on a transport thread, because device
+//!   emulation touches guest RAM and may fault on a page that the transport must bring in.
+//! - Stop: the first stop on any host is sent to every other host as `Stop`; a host that dies
+//!   (transport `Down`) stops the others with an error naming it.
+//!
+//! ```text
+//!  host 1: vCPU 1 writes ICR          host 0: vCPU 0                host 0: io-server
+//!   |-- Ipi{dest 0, vec 0xfb} -------->| LAPIC 0 IRR, kick            |
+//!   |-- Mmio{0xd0000050, write} (request) ------------------------------>| virtio notify
+//!   |<------------------------------------------------------ IoReply ----|
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use proto::{HostId, Message, Service, IPI_FROM_DEVICE, IPI_LOGICAL};
+use transport::{Handler, PeerEvent, Responder, Transport};
+
+use crate::devices::Devices;
+use crate::irq::lapic::{self, DeliveryMode, Shorthand};
+use crate::irq::{IrqChip, RemoteIrq};
+use crate::stop::{StopReason, Stopper};
+
+/// How long a forwarded I/O access may wait for its device host.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of the fabric.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A forwarded access failed.
+    #[error("forwarded I/O to host 0 failed: {0}")]
+    Forward(String),
+}
+
+/// Links of one host to the others.
+pub struct Fabric {
+    transport: Arc<dyn Transport>,
+    me: usize,
+    hosts: usize,
+    cpu_host: Vec<usize>,
+}
+
+impl Fabric {
+    /// The fabric of host `me` among `hosts`, with vCPU `i` on host `cpu_host[i]`.
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        me: usize,
+        hosts: usize,
+        cpu_host: Vec<usize>,
+    ) -> Self {
+        Fabric {
+            transport,
+            me,
+            hosts,
+            cpu_host,
+        }
+    }
+
+    /// This host's index.
+    pub fn me(&self) -> usize {
+        self.me
+    }
+
+    fn others(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.hosts).filter(move |h| *h != self.me)
+    }
+
+    fn send_to(&self, host: usize, msg: Message) {
+        if let Err(e) = self.transport.send(HostId(host as u16), msg) {
+            log::warn!("send to host {host}: {e}");
+        }
+    }
+
+    /// Sends a message to every other host (best effort).
+    pub fn broadcast(&self, msg: &Message) {
+        for h in self.others() {
+            self.send_to(h, msg.clone());
+        }
+    }
+
+    /// Performs an I/O access on host 0 and returns the value read (0 for writes).
+    pub fn forward(&self, msg: Message) -> Result<u64, Error> {
+        match self.transport.request(HostId(0), msg, IO_TIMEOUT) {
+            Ok(Message::IoReply { data }) => Ok(data),
+            Ok(other) => Err(Error::Forward(format!("unexpected reply {}", other.name()))),
+            Err(e) => Err(Error::Forward(e.to_string())),
+        }
+    }
+}
+
+/// Encodes an APIC bus message for the wire.
+pub fn ipi_to_wire(msg: &lapic::Message, from: Option<usize>) -> Message {
+    let sh = match msg.shorthand {
+        Shorthand::None => 0,
+        Shorthand::SelfOnly => 1,
+        Shorthand::AllIncludingSelf => 2,
+        Shorthand::AllExcludingSelf => 3,
+    };
+    Message::Ipi {
+        dest_apic: u32::from(msg.dest),
+        vector: msg.vector,
+        delivery: msg.mode.to_bits(),
+        level: msg.level,
+        flags: (u8::from(msg.logical) * IPI_LOGICAL) | (sh << 1),
+        source: from.map(|f| f as u32).unwrap_or(IPI_FROM_DEVICE),
+    }
+}
+
+/// Decodes a wire `Ipi` (None if it is not one or is out of range).
+pub fn ipi_from_wire(m: &Message) -> Option<(lapic::Message, Option<usize>)> {
+    let Message::Ipi {
+        dest_apic,
+        vector,
+        delivery,
+        level,
+        flags,
+        source,
+    } = m
+    else {
+        return None;
+    };
+    let shorthand = match (flags >> 1) & 3 {
+        0 => Shorthand::None,
+        1 => Shorthand::SelfOnly,
+        2 => Shorthand::AllIncludingSelf,
+        _ => Shorthand::AllExcludingSelf,
+    };
+    let msg = lapic::Message {
+        vector: *vector,
+        mode: DeliveryMode::from_bits(u32::from(*delivery)),
+        level: *level,
+        dest: u8::try_from(*dest_apic).ok()?,
+        logical: flags & IPI_LOGICAL != 0,
+        shorthand,
+    };
+    let from = (*source != IPI_FROM_DEVICE).then_some(*source as usize);
+    Some((msg, from))
+}
+
+impl RemoteIrq for Fabric {
+    fn send(&self, msg: &lapic::Message, from: Option<usize>) {
+        let wire = ipi_to_wire(msg, from);
+        match msg.shorthand {
+            Shorthand::SelfOnly => {}
+            Shorthand::None if !msg.logical && msg.dest != 0xff => {
+                if let Some(&h) = self.cpu_host.get(usize::from(msg.dest)) {
+                    if h != self.me {
+                        self.send_to(h, wire);
+                    }
+                }
+            }
+            _ => self.broadcast(&wire),
+        }
+    }
+
+    fn eoi(&self, vector: u8) {
+        self.send_to(0, Message::Eoi { vector });
+    }
+}
+
+/// The stop reason as carried by a `Stop` message.
+pub fn stop_to_wire(r: &StopReason) -> String {
+    match r {
+        StopReason::PowerOff => "poweroff".into(),
+        StopReason::Reset => "reset".into(),
+        StopReason::TripleFault => "triple-fault".into(),
+        StopReason::Error(e) => format!("error: {e}"),
+    }
+}
+
+/// The stop reason of a `Stop` message from host `from`.
+pub fn stop_from_wire(s: &str, from: usize) -> StopReason {
+    match s {
+        "poweroff" => StopReason::PowerOff,
+        "reset" => StopReason::Reset,
+        "triple-fault" => StopReason::TripleFault,
+        e => StopReason::Error(format!(
+            "host {from} stopped the machine: {}",
+            e.strip_prefix("error: ").unwrap_or(e)
+        )),
+    }
+}
+
+/// Receives `Ipi` messages.
+pub struct VcpuService {
+    /// The interrupt fabric of this host.
+    pub chip: Arc<IrqChip>,
+}
+
+impl Handler for VcpuService {
+    fn on_message(&self, from: HostId, msg: Message, _r: Option<Responder>) {
+        match ipi_from_wire(&msg) {
+            Some((m, source)) => self.chip.deliver_local(&m, source),
+            None => log::warn!("host {}: bad vCPU message {}", from.0, msg.name()),
+        }
+    }
+}
+
+/// Work for host 0's io-server thread.
+pub type IoWork = (Message, Option<Responder>);
+
+/// Receives `Eoi` and forwarded I/O.
+pub struct IoService {
+    /// The interrupt fabric of this host.
+    pub chip: Arc<IrqChip>,
+    /// Queue of the io-server thread.
+    pub queue: Mutex<mpsc::Sender<IoWork>>,
+}
+
+impl Handler for IoService {
+    fn on_message(&self, from: HostId, msg: Message, r: Option<Responder>) {
+        match msg {
+            Message::Eoi { vector } => self.chip.eoi(vector),
+            Message::Mmio { .. } | Message::Pio { .. } => {
+                let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if q.send((msg, r)).is_err() {
+                    log::debug!("io-server gone; dropping I/O from host {}", from.0);
+                }
+            }
+            other => log::warn!("host {}: unexpected I/O message {}", from.0, other.name()),
+        }
+    }
+}
+
+/// Serves forwarded I/O on host 0 until the VM stops.
+pub fn io_server(rx: mpsc::Receiver<IoWork>, devices: Arc<Devices>, stop: Arc<Stopper>) {
+    while !stop.stopped() {
+        let (msg, r) = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(w) => w,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let data = match msg {
+            Message::Pio {
+                port,
+                size,
+                write,
+                data,
+            } => {
+                let n = usize::from(size.clamp(1, 4));
+                let bytes = data.to_le_bytes();
+                if write {
+                    devices.pio_write(port, &bytes[..n]);
+                    0
+                } else {
+                    let mut b = [0u8; 4];
+                    devices.pio_read(port, &mut b[..n]);
+                    u64::from(u32::from_le_bytes(b))
+                }
+            }
+            Message::Mmio {
+                addr,
+                size,
+                write,
+                data,
+            } => {
+                let n = usize::from(size.clamp(1, 8));
+                let bytes = data.to_le_bytes();
+                if write {
+                    devices.mmio_write(usize::MAX, addr, &bytes[..n]);
+                    0
+                } else {
+                    let mut b = [0u8; 8];
+                    devices.mmio_read(usize::MAX, addr, &mut b[..n]);
+                    u64::from_le_bytes(b)
+                }
+            }
+            _ => continue,
+        };
+        if let Some(r) = r {
+            if let Err(e) = r.reply(Message::IoReply { data }) {
+                log::debug!("I/O reply: {e}");
+            }
+        }
+    }
+}
+
+/// Receives `Stop` and `Status`, and watches peers.
+pub struct ControlService {
+    /// This host's stop flag.
+    pub stop: Arc<Stopper>,
+    /// Latest status JSON per host (kept on host 0).
+    pub status: Arc<Mutex<BTreeMap<u32, String>>>,
+}
+
+impl Handler for ControlService {
+    fn on_message(&self, from: HostId, msg: Message, r: Option<Responder>) {
+        match msg {
+            Message::Stop { reason } => {
+                let why = stop_from_wire(&reason, from.0 as usize);
+                log::info!("host {} stopped the machine ({reason})", from.0);
+                self.stop.request_quiet(why);
+            }
+            Message::Status { json } => {
+                self.status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(u32::from(from.0), json);
+            }
+            Message::Ping { nonce } => {
+                if let Some(r) = r {
+                    let _ = r.reply(Message::Pong { nonce });
+                }
+            }
+            other => log::debug!("host {}: control message {}", from.0, other.name()),
+        }
+    }
+
+    fn on_peer_event(&self, event: &PeerEvent) {
+        if let PeerEvent::Down { peer, reason } = event {
+            if !self.stop.stopped() {
+                log::error!("host {} is gone ({reason}); stopping the machine", peer.0);
+                self.stop.request(StopReason::Error(format!(
+                    "host {} died or became unreachable: {reason}",
+                    peer.0
+                )));
+            }
+        }
+    }
+}
+
+/// Registers the fabric's services on `transport`.
+pub fn register(
+    transport: &Arc<dyn Transport>,
+    chip: Arc<IrqChip>,
+    stop: Arc<Stopper>,
+    io_queue: mpsc::Sender<IoWork>,
+    status: Arc<Mutex<BTreeMap<u32, String>>>,
+) {
+    transport.register(Service::Vcpu, Arc::new(VcpuService { chip: chip.clone() }));
+    transport.register(
+        Service::Io,
+        Arc::new(IoService {
+            chip,
+            queue: Mutex::new(io_queue),
+        }),
+    );
+    transport.register(Service::Control, Arc::new(ControlService { stop, status }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipi_wire_round_trip() {
+        for (sh, logical, from) in [
+            (Shorthand::None, false, Some(1)),
+            (Shorthand::AllExcludingSelf, false, Some(0)),
+            (Shorthand::None, true, None),
+            (Shorthand::AllIncludingSelf, true, Some(7)),
+        ] {
+            let m = lapic::Message {
+                vector: 0xfb,
+                mode: DeliveryMode::Init,
+                level: true,
+                dest: 3,
+                logical,
+                shorthand: sh,
+            };
+            let w = ipi_to_wire(&m, from);
+            let b = Message::decode(&w.to_bytes()).unwrap();
+            assert_eq!(ipi_from_wire(&b), Some((m, from)));
+        }
+        let bad = Message::Ipi {
+            dest_apic: 300,
+            vector: 1,
+            delivery: 0,
+            level: false,
+            flags: 0,
+            source: 0,
+        };
+        assert_eq!(ipi_from_wire(&bad), None);
+    }
+
+    #[test]
+    fn stop_reasons_cross_hosts() {
+        for r in [
+            StopReason::PowerOff,
+            StopReason::Reset,
+            StopReason::TripleFault,
+        ] {
+            assert_eq!(stop_from_wire(&stop_to_wire(&r), 1), r);
+        }
+        let e = stop_from_wire(&stop_to_wire(&StopReason::Error("x".into())), 2);
+        assert_eq!(e.exit_code(), 1);
+        assert!(format!("{e:?}").contains("host 2"));
+    }
+}

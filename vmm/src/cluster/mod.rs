@@ -1,0 +1,20 @@
+//! One machine across several `ssi-vmm` host processes.
+//!
+//! - [`spec`]: what a host needs to know about the cluster (placement, peers, key, time epoch)
+//!   and the TOML cluster file it comes from;
+//! - [`fabric`]: the runtime links between hosts: interrupt messages to remote vCPUs,
+//!   forwarded device I/O, stop propagation, status reports;
+//! - [`launch`]: the `host` daemon, `up` (TOML or `--local N`) and the job hand-off between them;
+//! - [`status`]: the cluster status file written by host 0 and read by `ssi-vmm status`.
+//!
+//! Placement: vCPUs are numbered host by host (host 0 has vCPUs `0..n0`, host 1 the next `n1`,
+//! ...); vCPU 0, the IOAPIC and every device live on host 0.
+
+pub mod fabric;
+pub mod launch;
+pub mod spec;
+pub mod status;
+pub mod timesync;
+
+pub use fabric::Fabric;
+pub use spec::{ClusterFile, ClusterSpec, HostSpec};
