@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install what is needed, build the guest kernel and the test
-# initramfs (cached), build ssi-vmm, and boot the default guest with an interactive shell on the
-# console (exit the shell to power the guest off). For now the machine runs on one host.
-#   scripts/demo.sh [--cpus N] [--memory SIZE] [extra ssi-vmm run arguments]
+# initramfs (cached), build ssi-vmm, and boot the default guest across a local cluster of host
+# processes (`ssi-vmm up --local N`, one vCPU each; host 0 has the console) with an interactive
+# shell (exit the shell to power the guest off and stop every host).
+#   scripts/demo.sh [--hosts N] [--cpus-per-host C] [--memory SIZE] [extra `ssi-vmm up` arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cpus=2
+hosts=2
+cpus=1
 memory=512M
 while [ $# -gt 0 ]; do
   case $1 in
-    --cpus) cpus=$2; shift 2 ;;
+    --hosts) hosts=$2; shift 2 ;;
+    --cpus-per-host) cpus=$2; shift 2 ;;
     --memory) memory=$2; shift 2 ;;
     *) break ;;
   esac
@@ -18,5 +21,5 @@ command -v cargo >/dev/null || { echo "cargo (Rust toolchain) is required" >&2; 
 kernel=$(bash guest-kernel-config/build.sh)
 initrd=$(bash images/build-initramfs.sh)
 cargo build --release -p vmm --bin ssi-vmm >&2
-echo "booting $kernel with $cpus vCPUs and $memory (guest kernel code is emulated on this host: expect a minute or two)" >&2
-exec target/release/ssi-vmm run --kernel "$kernel" --initrd "$initrd" --cpus "$cpus" --memory "$memory" "$@"
+echo "booting $kernel on $hosts host processes x $cpus vCPU(s), $memory (guest kernel code is emulated on this host: expect several minutes; \`ssi-vmm status\` in another terminal shows the hosts)" >&2
+exec target/release/ssi-vmm up --local "$hosts" --cpus-per-host "$cpus" --kernel "$kernel" --initrd "$initrd" --memory "$memory" "$@"

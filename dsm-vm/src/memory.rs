@@ -8,7 +8,7 @@ use log::{debug, error};
 use proto::{HostId, Message, Pfn, Service, PAGE_SIZE};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use thiserror::Error;
 use transport::{Handler, PeerEvent, Responder, Transport};
@@ -58,9 +58,14 @@ pub struct RegionInfo {
     pub host_addr: u64,
 }
 
+/// Called with a page's guest-physical address and last contents just before this host's copy
+/// is dropped because another host is about to change it.
+pub type DiscardHook = Box<dyn Fn(u64, &[u8; PAGE_SIZE]) + Send + Sync>;
+
 struct UffdPages {
     uffd: Arc<Uffd>,
     ram: Arc<GuestRam>,
+    on_discard: Arc<OnceLock<DiscardHook>>,
 }
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -112,6 +117,11 @@ impl PageOps for UffdPages {
         }
     }
     fn discard(&self, pfn: Pfn) -> Result<(), String> {
+        if let Some(hook) = self.on_discard.get() {
+            let mut page = [0u8; PAGE_SIZE];
+            self.read(pfn, &mut page);
+            hook(pfn * PAGE_SIZE as u64, &page);
+        }
         uffd::discard(self.addr(pfn)?).map_err(|e| e.to_string())
     }
     fn wake(&self, pfn: Pfn) -> Result<(), String> {
@@ -134,6 +144,7 @@ struct Inner {
     stats: Arc<Stats>,
     ram: Arc<GuestRam>,
     uffd: Arc<Uffd>,
+    on_discard: Arc<OnceLock<DiscardHook>>,
 }
 
 impl Inner {
@@ -207,9 +218,11 @@ impl DsmMemory {
             uffd.register(host, len)?;
         }
         let stats = Arc::new(Stats::default());
+        let on_discard = Arc::new(OnceLock::new());
         let pages = UffdPages {
             uffd: uffd.clone(),
             ram: ram.clone(),
+            on_discard: on_discard.clone(),
         };
         let net = TransportNet(transport.clone());
         let engine = Engine::new(
@@ -226,6 +239,7 @@ impl DsmMemory {
             stats,
             ram,
             uffd,
+            on_discard,
         });
         // SAFETY: plain syscall; the result is checked and owned below.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -311,6 +325,13 @@ impl DsmMemory {
     /// cluster where every host is idle has no page in flight).
     pub fn is_idle(&self) -> bool {
         self.inner.engine().is_quiescent()
+    }
+
+    /// Installs (once) the hook called before a copy of a page is dropped on invalidation. The
+    /// VMM uses it to learn that KVM's shadow page tables built from that page may be stale.
+    /// The hook runs under the DSM lock: it must be quick and must not touch guest RAM.
+    pub fn set_discard_hook(&self, hook: DiscardHook) {
+        let _ = self.inner.on_discard.set(hook);
     }
 
     /// The live counters, for a reporter thread.

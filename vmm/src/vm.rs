@@ -20,6 +20,7 @@ use linux_loader::loader::bootparam::boot_params;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::{acpi, cpu, loader};
+use crate::cluster::shadow::ShadowZap;
 use crate::cluster::{fabric, status, timesync, ClusterSpec, Fabric};
 use crate::config::VmConfig;
 use crate::devices::{serial, Devices};
@@ -168,7 +169,7 @@ pub fn run_on(
         None => None,
     };
     let kvm = Kvm::new().map_err(Error::Kvm)?;
-    let vm = kvm.create_vm().map_err(Error::Kvm)?;
+    let vm = Arc::new(kvm.create_vm().map_err(Error::Kvm)?);
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(|e| Error::KvmIoctl("SET_TSS_ADDR", e))?;
     enable_cap(
@@ -223,6 +224,7 @@ pub fn run_on(
         }
     };
     let mem = ram.mem.clone();
+    let mut kvm_slots = Vec::new();
     for (slot, (guest, size, host)) in ram.slots.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -236,6 +238,7 @@ pub fn run_on(
         // leaked).
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| Error::KvmIoctl("SET_USER_MEMORY_REGION", e))?;
+        kvm_slots.push(r);
     }
     if let Some(n) = &net {
         timesync::set_clock(&vm, n.spec.epoch_ns);
@@ -283,6 +286,19 @@ pub fn run_on(
         }
     }
     let mut devices = Devices::new(console, virtio, chip.clone(), stop.clone());
+    let zap = match &dsm {
+        Some(d) if std::env::var_os("SSI_VMM_NO_SHADOW_ZAP").is_none() => {
+            let z = Arc::new(ShadowZap::new(
+                vm.clone(),
+                kvm_slots.clone(),
+                chip.local_lapics(),
+            ));
+            let z2 = z.clone();
+            d.set_discard_hook(Box::new(move |gpa, page| z2.on_discard(gpa, page)));
+            Some(z)
+        }
+        _ => None,
+    };
     let mut io_server = None;
     let status = Arc::new(Mutex::new(BTreeMap::new()));
     if let Some(n) = &net {
@@ -358,6 +374,7 @@ pub fn run_on(
             stats: stats.clone(),
             fixups: fixups.clone(),
             tsc_khz,
+            zap: zap.clone(),
         });
     }
     vcpu::install_kick_handler().map_err(Error::Thread)?;
@@ -413,6 +430,9 @@ pub fn run_on(
         if let Some(d) = dsm.take() {
             std::mem::forget(d);
         }
+    }
+    if let Some(z) = &zap {
+        log::info!("shadow page tables dropped {} time(s)", z.zaps());
     }
     let reason = stop
         .reason()

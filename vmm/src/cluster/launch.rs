@@ -394,6 +394,14 @@ impl LocalCluster {
                 }
             }
         }
+        let pids: String = children
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{i} {}\n", c.id()))
+            .collect();
+        if let Err(e) = std::fs::write(dir.join("pids"), pids) {
+            log::warn!("cannot write {}/pids: {e}", dir.display());
+        }
         Ok(LocalCluster {
             file,
             key,

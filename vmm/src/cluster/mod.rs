@@ -12,6 +12,7 @@
 
 pub mod fabric;
 pub mod launch;
+pub mod shadow;
 pub mod spec;
 pub mod status;
 pub mod timesync;

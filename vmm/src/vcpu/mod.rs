@@ -63,6 +63,8 @@ pub struct Vcpu {
     pub fixups: Arc<quirks::FixupStats>,
     /// Guest TSC frequency.
     pub tsc_khz: u64,
+    /// Shadow page-table invalidation (cluster hosts without two-dimensional paging).
+    pub zap: Option<Arc<crate::cluster::shadow::ShadowZap>>,
 }
 
 extern "C" fn noop_handler(_: libc::c_int) {}
@@ -116,7 +118,10 @@ impl Vcpu {
                 return Ok(());
             }
             self.inject()?;
+            let zap = self.zap.clone();
+            let gate = zap.as_ref().map(|z| z.enter());
             let exit = self.fd.run();
+            drop(gate);
             let idx = self.index;
             match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {

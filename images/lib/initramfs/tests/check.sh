@@ -1,0 +1,46 @@
+#!/bin/sh
+# ssi.test=check: the multi-threaded SMP correctness checker /bin/ssi-check (source:
+# images/checker/ssi-check.c; only build-initramfs.sh's initramfs has it). One worker per
+# online CPU, pinned: locked counters (mutex and spinlock), message rings between every pair
+# of workers, a memory pattern written by one worker and verified by another.
+#   ssi.check_seconds=S  time budget of the phases (default 20)
+#   ssi.check_mem=MB     memory phase buffer in MiB (default 64; 0 skips the phase)
+#   ssi.check_mem_own=1  each worker verifies only its own share of that buffer
+#   ssi.check_aggr=MB    afterwards, a second run with only the memory phase over MB MiB,
+#                        each worker on its own share (memory aggregation across hosts);
+#                        its result line starts with "SSI-CHECK-AGGR:"
+# Prints ssi-check's output (ending in "SSI-CHECK: threads=N cpus=C ops=X mismatches=M"),
+# then SSI-VMM-CHECK-OK (exit 0) or SSI-VMM-CHECK-FAILED=<ssi-check's exit status> (exit it;
+# 127 if the binary is missing).
+# shellcheck disable=SC1091  # lives in the initramfs
+. /etc/ssi-functions.sh
+
+secs=$(ssi_param ssi.check_seconds) || secs=
+mem=$(ssi_param ssi.check_mem) || mem=
+secs=${secs:-20}
+mem=${mem:-64}
+own=$(ssi_param ssi.check_mem_own) || own=
+own=${own:-0}
+aggr=$(ssi_param ssi.check_aggr) || aggr=
+aggr=${aggr:-0}
+
+if [ ! -x /bin/ssi-check ]; then
+  echo "check: /bin/ssi-check missing (not built into this initramfs)"
+  echo "SSI-VMM-CHECK-FAILED=127"
+  exit 127
+fi
+echo "check: running ssi-check --seconds $secs --mem $mem --mem-own $own"
+/bin/ssi-check --seconds "$secs" --mem "$mem" --mem-own "$own"
+rc=$?
+if [ "$rc" -eq 0 ] && [ "$aggr" -gt 0 ]; then
+  echo "check: running ssi-check --seconds 1 --mem $aggr --mem-own 1 (aggregation)"
+  /bin/ssi-check --seconds 1 --mem "$aggr" --mem-own 1 > /tmp/aggr.out
+  rc=$?
+  sed 's/^SSI-CHECK:/SSI-CHECK-AGGR:/' /tmp/aggr.out
+fi
+if [ "$rc" -eq 0 ]; then
+  echo "SSI-VMM-CHECK-OK"
+else
+  echo "SSI-VMM-CHECK-FAILED=$rc"
+fi
+exit "$rc"

@@ -1,0 +1,251 @@
+//! One guest across several `ssi-vmm` host processes on this machine (`ssi-vmm up --local N`):
+//! the lean kernel boots with one vCPU per host, the guest sees every host's CPU, the in-guest
+//! SMP checker (locks, shared rings, cross-CPU memory verification, threads pinned to CPUs on
+//! different hosts) finds no mismatch, and a clean poweroff ends every host process. Killing a
+//! host stops the others within seconds.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ssi_tests::{initramfs, lean_kernel, run_vmm, vmm_bin};
+
+const DEADLINE: Duration = Duration::from_secs(1500);
+
+fn state_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ssi-cluster-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn pids(dir: &Path, name: &str) -> Vec<u32> {
+    std::fs::read_to_string(dir.join(name).join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// Boots the lean kernel on `hosts` local hosts with `append`, asserts a clean run on every
+/// host, and returns the console and the state directory.
+fn boot(name: &str, hosts: usize, append: &str) -> (String, PathBuf) {
+    let dir = state_dir(name);
+    // The test binary runs its tests one at a time; the variable only reaches our children.
+    std::env::set_var("SSI_VMM_STATE_DIR", &dir);
+    let kernel = lean_kernel();
+    let initrd = initramfs();
+    let n = hosts.to_string();
+    let run = run_vmm(
+        &[
+            "up",
+            "--local",
+            &n,
+            "--name",
+            name,
+            "--kernel",
+            kernel.to_str().unwrap_or_default(),
+            "--initrd",
+            initrd.to_str().unwrap_or_default(),
+            "--memory",
+            "512M",
+            "--append",
+            append,
+        ],
+        &["SSI-VMM-USERSPACE-UP", "SSI-VMM-TEST-EXIT"],
+        DEADLINE,
+    );
+    let up = run.mark("SSI-VMM-USERSPACE-UP");
+    eprintln!(
+        "{hosts} hosts: userspace after {up:?}, total {:?}",
+        run.elapsed
+    );
+    for h in 1..hosts {
+        let log = std::fs::read_to_string(dir.join(name).join(format!("host-{h}.log")))
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        eprintln!(
+            "--- host {h} log tail ---\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    run.assert_clean_exit();
+    for h in 0..hosts {
+        assert!(
+            run.stderr.contains(&format!("host {h}: exit 0")),
+            "host {h} did not exit cleanly: {}",
+            run.stderr
+        );
+    }
+    for pid in pids(&dir, name) {
+        assert!(!alive(pid), "host process {pid} is still there");
+    }
+    assert_eq!(
+        run.value("SSI-VMM-NPROC").as_deref(),
+        Some(n.as_str()),
+        "{}",
+        run.console
+    );
+    (run.console, dir)
+}
+
+fn check_console(console: &str, hosts: usize) {
+    let line = console
+        .lines()
+        .find(|l| l.starts_with("SSI-CHECK:"))
+        .unwrap_or_else(|| panic!("no checker result:\n{console}"));
+    assert!(line.contains(&format!("cpus={hosts}")), "{line}");
+    assert!(line.ends_with("mismatches=0"), "{console}");
+    assert!(console.contains("SSI-VMM-CHECK-OK"), "{console}");
+    assert!(console.contains("ssi-check: pinned=yes"), "{console}");
+}
+
+/// Two hosts: the checker passes, and then the guest fills and verifies `AGGR_MB` MiB, each
+/// half from a CPU on another host, while neither host ends up holding all of it (memory
+/// aggregation: the guest uses more memory than any one host has).
+#[test]
+fn two_hosts_boot_pass_the_smp_checker_and_aggregate_memory() {
+    const AGGR_MB: u64 = 192;
+    let (console, dir) = boot(
+        "two",
+        2,
+        &format!("ssi.test=check ssi.check_seconds=20 ssi.check_mem=16 ssi.check_aggr={AGGR_MB}"),
+    );
+    check_console(&console, 2);
+    let aggr = console
+        .lines()
+        .find(|l| l.starts_with("SSI-CHECK-AGGR:"))
+        .unwrap_or_else(|| panic!("no aggregation result:\n{console}"));
+    assert!(aggr.ends_with("mismatches=0"), "{aggr}");
+    let status = std::fs::read_to_string(dir.join("two").join("status.json"))
+        .expect("host 0 wrote the cluster status");
+    let resident: Vec<u64> = status
+        .lines()
+        .filter(|l| l.contains("\"resident_pages\""))
+        .filter_map(|l| {
+            l.split(':')
+                .nth(1)?
+                .trim()
+                .trim_end_matches(',')
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(resident.len(), 2, "{status}");
+    let verified = AGGR_MB << 8;
+    for (h, r) in resident.iter().enumerate() {
+        eprintln!("host {h}: {r} resident pages; the guest verified {verified} pages");
+        assert!(
+            *r < verified,
+            "host {h} holds {r} pages: no aggregation\n{status}"
+        );
+    }
+}
+
+#[test]
+fn three_hosts_boot_and_pass_the_smp_checker() {
+    let (console, _) = boot(
+        "three",
+        3,
+        "ssi.test=check ssi.check_seconds=20 ssi.check_mem=16",
+    );
+    check_console(&console, 3);
+}
+
+#[test]
+fn killing_a_host_stops_the_others() {
+    let name = "kill";
+    let dir = state_dir(name);
+    let kernel = lean_kernel();
+    let initrd = initramfs();
+    let mut up = Command::new(vmm_bin())
+        .args([
+            "up",
+            "--local",
+            "2",
+            "--name",
+            name,
+            "--kernel",
+            kernel.to_str().unwrap_or_default(),
+            "--initrd",
+            initrd.to_str().unwrap_or_default(),
+            "--memory",
+            "512M",
+            "--append",
+            "ssi.test=boot",
+        ])
+        .env("SSI_VMM_STATE_DIR", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ssi-vmm up");
+    let stdout = up.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    // Wait until the guest runs on both hosts (the AP on host 1 is online).
+    let start = Instant::now();
+    let mut seen = false;
+    while start.elapsed() < DEADLINE && !seen {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) => seen = l.contains("smp: Brought up") || l.contains("SSI-VMM-USERSPACE-UP"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(seen, "the guest never brought up its second CPU");
+    let ps = pids(&dir, name);
+    assert_eq!(ps.len(), 2, "pids of the host processes");
+    let killed = Instant::now();
+    // SAFETY-free: plain kill(1) of our own child's child.
+    let st = Command::new("kill")
+        .args(["-9", &ps[1].to_string()])
+        .status();
+    assert!(st.is_ok_and(|s| s.success()));
+    let mut status = None;
+    while killed.elapsed() < Duration::from_secs(30) {
+        if let Ok(Some(s)) = up.try_wait() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = killed.elapsed();
+    if status.is_none() {
+        let _ = up.kill();
+    }
+    let out = up.wait_with_output().expect("up output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.is_some(),
+        "`up` still running 30 s after a host was killed: {err}"
+    );
+    assert!(
+        !out.status.success(),
+        "a killed host must fail the run: {err}"
+    );
+    assert!(
+        err.contains("host 1 died or became unreachable"),
+        "host 0 names the dead host: {err}"
+    );
+    eprintln!("stopped {took:?} after the kill");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in ps {
+        assert!(!alive(pid), "host process {pid} is still there");
+    }
+}
