@@ -128,7 +128,8 @@ static int nthreads, ncpus, ncpulist;
 static int cpulist[CPU_SETSIZE];
 static double seconds = 20.0, watchdog_s = 600.0;
 static long mem_mb;
-static int mem_own; /* --mem-own 1: each thread verifies its own share (memory aggregation) */
+static int mem_own;
+static double vector_s; /* --vector S: only the vector-register check, S seconds */ /* --mem-own 1: each thread verifies its own share (memory aggregation) */
 static struct lockpage *lockpages[2]; /* [set][counter] */
 static struct ring *rings;            /* [producer * nthreads + consumer] */
 static size_t ring_stride;
@@ -609,6 +610,7 @@ static void usage(FILE *f)
              "  --threads N   worker threads (default: online CPUs)\n"
              "  --mem MB      memory phase buffer in MiB (default 0: no memory phase)\n"
              "  --mem-own 1   each thread verifies its own share (no cross-thread check)\n"
+             "  --vector S    only check that vector registers survive context switches (S s)\n"
              "  --watchdog S  give up on a phase S seconds after its time (default 600)\n");
 }
 
@@ -622,6 +624,103 @@ static double num_arg(const char *opt, const char *s, double lo, double hi)
     exit(2);
   }
   return v;
+}
+
+/* ---- vector registers across context switches (--vector S) -------------------------------- */
+
+/* Each round keeps a pattern in a vector register across sched_yield(), in one asm block so the
+ * compiler cannot spill it: with two threads per CPU the yield switches tasks, and the kernel
+ * must save and restore the whole register. A guest kernel that saves less than user code uses
+ * (FXSAVE only, while AVX/AVX-512 are usable) loses it. */
+static volatile int vec_stop;
+static uint64_t vec_rounds[2 * MAX_THREADS], vec_bad[2 * MAX_THREADS];
+static int vec_kind; /* 0 sse, 1 avx2, 2 avx512 */
+
+__attribute__((target("avx2"))) static int vec_round_avx2(const uint64_t *in, uint64_t *out)
+{
+  __asm__ volatile("vmovdqu (%0), %%ymm7\n\t"
+                   "mov $24, %%eax\n\t"
+                   "syscall\n\t"
+                   "vmovdqu %%ymm7, (%1)\n\t"
+                   :
+                   : "r"(in), "r"(out)
+                   : "rax", "rcx", "r11", "memory", "xmm7");
+  return memcmp(in, out, 32) != 0;
+}
+
+__attribute__((target("avx512f,avx512vl"))) static int vec_round_avx512(const uint64_t *in,
+                                                                         uint64_t *out)
+{
+  __asm__ volatile("vmovdqu64 (%0), %%zmm16\n\t"
+                   "mov $24, %%eax\n\t"
+                   "syscall\n\t"
+                   "vmovdqu64 %%zmm16, (%1)\n\t"
+                   :
+                   : "r"(in), "r"(out)
+                   : "rax", "rcx", "r11", "memory", "xmm16");
+  return memcmp(in, out, 64) != 0;
+}
+
+static int vec_round_sse(const uint64_t *in, uint64_t *out)
+{
+  __asm__ volatile("movdqu (%0), %%xmm7\n\t"
+                   "mov $24, %%eax\n\t"
+                   "syscall\n\t"
+                   "movdqu %%xmm7, (%1)\n\t"
+                   :
+                   : "r"(in), "r"(out)
+                   : "rax", "rcx", "r11", "memory", "xmm7");
+  return memcmp(in, out, 16) != 0;
+}
+
+static void *vec_main(void *arg)
+{
+  int idx = (int)(intptr_t)arg;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpulist[(idx / 2) % ncpulist], &set);
+  sched_setaffinity(0, sizeof set, &set);
+  uint64_t in[8] __attribute__((aligned(64))), out[8] __attribute__((aligned(64)));
+  uint64_t x = 0x9e3779b97f4a7c15ULL * (uint64_t)(idx + 1);
+  while (!vec_stop) {
+    for (int k = 0; k < 8; k++) {
+      x ^= x << 13;
+      x ^= x >> 7;
+      x ^= x << 17;
+      in[k] = x;
+    }
+    int bad = vec_kind == 2   ? vec_round_avx512(in, out)
+              : vec_kind == 1 ? vec_round_avx2(in, out)
+                              : vec_round_sse(in, out);
+    vec_rounds[idx]++;
+    if (bad && vec_bad[idx]++ < 3)
+      printf("ssi-check: MISMATCH vector: thread %d round %" PRIu64 ": %#" PRIx64
+             " came back as %#" PRIx64 "\n",
+             idx, vec_rounds[idx], in[0], out[0]);
+  }
+  return NULL;
+}
+
+static int vector_check(double secs)
+{
+  __builtin_cpu_init();
+  vec_kind = __builtin_cpu_supports("avx512vl") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+  int n = 2 * ncpulist;
+  if (n > 2 * MAX_THREADS) n = 2 * MAX_THREADS;
+  pthread_t t[2 * MAX_THREADS];
+  for (int i = 0; i < n; i++) pthread_create(&t[i], NULL, vec_main, (void *)(intptr_t)i);
+  struct timespec d = {(time_t)secs, (long)((secs - (double)(time_t)secs) * 1e9)};
+  nanosleep(&d, NULL);
+  vec_stop = 1;
+  uint64_t rounds = 0, bad = 0;
+  for (int i = 0; i < n; i++) {
+    pthread_join(t[i], NULL);
+    rounds += vec_rounds[i];
+    bad += vec_bad[i];
+  }
+  printf("SSI-CHECK-VECTOR: registers=%s threads=%d rounds=%" PRIu64 " mismatches=%" PRIu64 "\n",
+         vec_kind == 2 ? "zmm16" : vec_kind == 1 ? "ymm7" : "xmm7", n, rounds, bad);
+  return bad ? 1 : 0;
 }
 
 int main(int argc, char **argv)
@@ -654,6 +753,7 @@ int main(int argc, char **argv)
     if (strcmp(name, "--seconds") == 0) seconds = num_arg(name, v, 0, 1e6);
     else if (strcmp(name, "--threads") == 0) nthreads = (int)num_arg(name, v, 1, MAX_THREADS);
     else if (strcmp(name, "--mem") == 0) mem_mb = (long)num_arg(name, v, 0, 1 << 20);
+    else if (strcmp(name, "--vector") == 0) vector_s = num_arg(name, v, 0, 1e6);
     else if (strcmp(name, "--mem-own") == 0) mem_own = (int)num_arg(name, v, 0, 1);
     else if (strcmp(name, "--watchdog") == 0) watchdog_s = num_arg(name, v, 1, 1e6);
     else {
@@ -672,6 +772,7 @@ int main(int argc, char **argv)
       if (CPU_ISSET(c, &allowed)) cpulist[ncpulist++] = c;
   if (ncpulist == 0)
     for (; ncpulist < ncpus && ncpulist < CPU_SETSIZE; ncpulist++) cpulist[ncpulist] = ncpulist;
+  if (vector_s > 0) return vector_check(vector_s);
 
   printf("ssi-check: threads=%d cpus=%d seconds=%g mem=%ldMiB"
 #ifdef BREAK_LOCKS

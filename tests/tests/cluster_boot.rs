@@ -106,6 +106,13 @@ fn check_console(console: &str, hosts: usize) {
     assert!(line.ends_with("mismatches=0"), "{console}");
     assert!(console.contains("SSI-VMM-CHECK-OK"), "{console}");
     assert!(console.contains("ssi-check: pinned=yes"), "{console}");
+    let vector = console
+        .lines()
+        .find(|l| l.starts_with("SSI-CHECK-VECTOR:"))
+        .unwrap_or_else(|| panic!("no vector-register result:\n{console}"));
+    assert!(vector.ends_with("mismatches=0"), "{vector}");
+    let crashes = console.matches("segfault at").count();
+    assert_eq!(crashes, 0, "guest user processes crashed:\n{console}");
 }
 
 /// Two hosts: the checker passes, and then the guest fills and verifies `AGGR_MB` MiB, each

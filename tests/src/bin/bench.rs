@@ -8,6 +8,14 @@
 //! also Debian's stock kernel + its initramfs) it boots the guest with `ssi.test=nproc`, takes
 //! the host time at which `SSI-VMM-USERSPACE-UP` appears on the console, and reads the VMM's
 //! `--stats-json` (exits by reason, emulation fix-ups by instruction).
+//!
+//! ```text
+//! cargo run --release -p ssi-tests --bin bench -- cluster [--runs N]
+//! ```
+//! Boots the lean kernel with `ssi-vmm up --local H` (one vCPU per host) for H = 1, 2, 3 and
+//! reports the host time to `SSI-VMM-USERSPACE-UP`; then runs the CPU-parallel workload
+//! (`ssi.test=par`: the same user-mode loop on one CPU, then on all) on 2 hosts x 1 vCPU and on
+//! 1 host x 2 vCPUs, and reports the guest-measured times and the speedup.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,10 +58,93 @@ fn scalar(json: &str, key: &str) -> Option<f64> {
     v.trim().parse().ok()
 }
 
+fn up(hosts: u32, cpus_per_host: u32, append: &str, markers: &[&str]) -> ssi_tests::Run {
+    let (k, i) = (lean_kernel(), initramfs());
+    let (h, c) = (hosts.to_string(), cpus_per_host.to_string());
+    let dir = std::env::temp_dir().join(format!("ssi-bench-state-{}", std::process::id()));
+    std::env::set_var("SSI_VMM_STATE_DIR", &dir);
+    run_vmm(
+        &[
+            "up",
+            "--local",
+            &h,
+            "--cpus-per-host",
+            &c,
+            "--name",
+            "bench",
+            "--kernel",
+            k.to_str().unwrap_or_default(),
+            "--initrd",
+            i.to_str().unwrap_or_default(),
+            "--memory",
+            "512M",
+            "--append",
+            append,
+        ],
+        markers,
+        Duration::from_secs(3600),
+    )
+}
+
+fn cluster(runs: usize) {
+    println!("| hosts x vCPUs | run | userspace (s) | poweroff (s) | result |");
+    println!("|---|---|---|---|---|");
+    for hosts in [1, 2, 3] {
+        for r in 0..runs {
+            let run = up(hosts, 1, "ssi.test=nproc", &["SSI-VMM-USERSPACE-UP"]);
+            let upt = run
+                .mark("SSI-VMM-USERSPACE-UP")
+                .map_or("-".to_string(), |d| format!("{:.1}", d.as_secs_f64()));
+            let ok = run.status.is_some_and(|s| s.success())
+                && run.value("SSI-VMM-NPROC") == Some(hosts.to_string());
+            println!(
+                "| {hosts} x 1 | {} | {upt} | {:.1} | {} |",
+                r + 1,
+                run.elapsed.as_secs_f64(),
+                if ok { "ok, nproc matches" } else { "FAILED" }
+            );
+        }
+    }
+    println!();
+    println!("| layout | run | one CPU (ms) | all CPUs (ms) | speedup | result |");
+    println!("|---|---|---|---|---|---|");
+    for (hosts, cpus) in [(2, 1), (1, 2)] {
+        for r in 0..runs {
+            let run = up(hosts, cpus, "ssi.test=par", &[]);
+            let v = |k: &str| run.value(k).unwrap_or_else(|| "-".into());
+            let speed = run
+                .value("SSI-VMM-PAR-SPEEDUP-X100")
+                .and_then(|s| s.parse::<f64>().ok())
+                .map_or("-".to_string(), |x| format!("{:.2}", x / 100.0));
+            println!(
+                "| {hosts} host(s) x {cpus} vCPU(s) | {} | {} | {} | {speed} | {} |",
+                r + 1,
+                v("SSI-VMM-PAR-SINGLE-MS"),
+                v("SSI-VMM-PAR-ALL-MS"),
+                if run.status.is_some_and(|s| s.success()) {
+                    "ok"
+                } else {
+                    "FAILED"
+                }
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs_arg: usize = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    if args.first().map(String::as_str) == Some("cluster") {
+        cluster(runs_arg);
+        return;
+    }
     if args.first().map(String::as_str) != Some("boot") {
-        eprintln!("usage: bench boot [--stock] [--runs N]");
+        eprintln!("usage: bench boot [--stock] [--runs N] | bench cluster [--runs N]");
         std::process::exit(2);
     }
     let stock = args.iter().any(|a| a == "--stock" || a == "--only-stock");

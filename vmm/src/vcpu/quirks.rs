@@ -14,6 +14,11 @@
 //! | `9b` | fwait | no-op |
 //! | `f3 0f b8` | popcnt | computed here |
 //! | `0f ae /2`, `0f ae /3` | ldmxcsr / stmxcsr | through `KVM_GET_FPU`/`KVM_SET_FPU` |
+//! | `0f ae /4 /5 /6` | xsave / xrstor / xsaveopt | through `KVM_GET_XSAVE`/`KVM_SET_XSAVE` ([`super::xsave`]) |
+//! | `0f 01 d0` | xgetbv | from `KVM_GET_XCRS` |
+//!
+//! An emulated memory access to an unmapped guest address injects the page fault the CPU
+//! would have raised (the kernel's exception tables handle it, e.g. for signal frames).
 //!
 //! **Broken SYSCALL**: the CPU loads RIP = LSTAR but keeps the user CS/SS, so fetching the
 //! supervisor-only entry code page-faults. The page-fault entry starts with `clac`, which exits
@@ -50,6 +55,9 @@ pub enum Error {
     /// Guest memory at a virtual address is not mapped or not RAM.
     #[error("cannot read guest virtual address {0:#x}")]
     GuestRead(u64),
+    /// A form of an instruction this module does not emulate.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 /// A fix-up kind, for statistics.
@@ -71,6 +79,14 @@ pub enum Fixup {
     Stmxcsr,
     /// A user SYSCALL completed by the VMM.
     Syscall,
+    /// xsave / xsaveopt emulated.
+    Xsave,
+    /// xrstor emulated.
+    Xrstor,
+    /// xgetbv emulated.
+    Xgetbv,
+    /// A page fault injected because an emulated instruction's memory operand was not mapped.
+    PageFault,
 }
 
 impl Fixup {
@@ -85,6 +101,10 @@ impl Fixup {
             Fixup::Ldmxcsr => "ldmxcsr (0f ae /2)",
             Fixup::Stmxcsr => "stmxcsr (0f ae /3)",
             Fixup::Syscall => "user SYSCALL completed",
+            Fixup::Xsave => "xsave/xsaveopt (0f ae /4 /6)",
+            Fixup::Xrstor => "xrstor (0f ae /5)",
+            Fixup::Xgetbv => "xgetbv (0f 01 d0)",
+            Fixup::PageFault => "#PF injected for an emulated access",
         }
     }
 }
@@ -153,7 +173,7 @@ fn for_each_phys(
 }
 
 /// Reads guest virtual memory through the vCPU's page tables.
-pub fn read_virt(
+pub(super) fn read_virt(
     vcpu: &VcpuFd,
     mem: &GuestMemoryMmap,
     gva: u64,
@@ -165,7 +185,12 @@ pub fn read_virt(
 }
 
 /// Writes guest virtual memory through the vCPU's page tables (the page must be writable).
-fn write_virt(vcpu: &VcpuFd, mem: &GuestMemoryMmap, gva: u64, data: &[u8]) -> Result<(), Error> {
+pub(super) fn write_virt(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    gva: u64,
+    data: &[u8],
+) -> Result<(), Error> {
     for_each_phys(vcpu, gva, data.len(), true, |off, n, gpa| {
         mem.write_slice(&data[off..off + n], gpa).map_err(|_| ())
     })
@@ -388,6 +413,42 @@ pub fn handle_emulation_failure(
             }
             (Fixup::Popcnt, p.len + 2 + n)
         }
+        [0x0f, 0x01, 0xd0, ..] => {
+            let v = super::xsave::xgetbv(vcpu, regs.rcx as u32)?;
+            regs.rax = v & 0xffff_ffff;
+            regs.rdx = v >> 32;
+            (Fixup::Xgetbv, p.len + 3)
+        }
+        [0x0f, 0xae, rest @ ..]
+            if long
+                && rest
+                    .first()
+                    .is_some_and(|m| m >> 6 != 3 && matches!((m >> 3) & 7, 4..=6)) =>
+        {
+            let seg = seg_base(&p, &sregs);
+            let (r, opnd, n) =
+                decode::modrm(rest, &p, &regs, seg, p.len + 2, 0).ok_or_else(unknown)?;
+            let Operand::Mem(addr) = opnd else {
+                return Err(unknown());
+            };
+            let restore = r & 7 == 5;
+            let mask = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+            match super::xsave::emulate(vcpu, mem, addr, mask, restore) {
+                Ok(()) => {}
+                Err(Error::GuestRead(va)) => {
+                    inject_page_fault(vcpu, va, !restore)?;
+                    stats.record(
+                        Fixup::PageFault,
+                        rip,
+                        &bytes[..(p.len + 2 + n).min(bytes.len())],
+                    );
+                    return Ok(Fixup::PageFault);
+                }
+                Err(e) => return Err(e),
+            }
+            let fix = if restore { Fixup::Xrstor } else { Fixup::Xsave };
+            (fix, p.len + 2 + n)
+        }
         [0x0f, 0xae, rest @ ..]
             if long
                 && rest
@@ -420,6 +481,27 @@ pub fn handle_emulation_failure(
         .map_err(|e| Error::Kvm("SET_REGS", e))?;
     stats.record(fix, rip, &bytes[..len.min(bytes.len())]);
     Ok(fix)
+}
+
+/// Injects the page fault a supervisor access to `va` raises (CR2 = `va`).
+fn inject_page_fault(vcpu: &VcpuFd, va: u64, write: bool) -> Result<(), Error> {
+    let present = vcpu
+        .translate_gva(va)
+        .map(|t| t.valid != 0)
+        .unwrap_or(false);
+    let mut sregs = vcpu.get_sregs().map_err(|e| Error::Kvm("GET_SREGS", e))?;
+    sregs.cr2 = va;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| Error::Kvm("SET_SREGS", e))?;
+    let mut ev = vcpu
+        .get_vcpu_events()
+        .map_err(|e| Error::Kvm("GET_VCPU_EVENTS", e))?;
+    ev.exception.injected = 1;
+    ev.exception.nr = 14;
+    ev.exception.has_error_code = 1;
+    ev.exception.error_code = u32::from(present) | (u32::from(write) << 1);
+    vcpu.set_vcpu_events(&ev)
+        .map_err(|e| Error::Kvm("SET_VCPU_EVENTS", e))
 }
 
 fn seg_base(p: &decode::Prefixes, s: &kvm_sregs) -> u64 {
