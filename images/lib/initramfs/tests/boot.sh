@@ -1,6 +1,7 @@
 #!/bin/sh
 # ssi.test=boot: what the boot tests check in one run: the CPU count (nproc.sh markers) and
-# basic userspace sanity on every CPU (smoke.sh), plus a fork/exec loop pinned to each CPU.
+# basic userspace sanity on every CPU (smoke.sh), a fork/exec loop pinned to each CPU, and
+# (where /bin/ssi-check exists) 3 s of the vector-register check.
 # Prints SSI-VMM-BOOT-OK or SSI-VMM-BOOT-FAILED.
 fail=0
 sh /tests/nproc.sh || fail=1
@@ -18,5 +19,7 @@ while [ "$cpu" -lt "$n" ]; do
   fi
   cpu=$((cpu + 1))
 done
+# User vector registers (AVX-512 where the CPU has it) must survive context switches.
+if [ -x /bin/ssi-check ]; then /bin/ssi-check --vector 3 || fail=1; fi
 if [ "$fail" -eq 0 ]; then echo "SSI-VMM-BOOT-OK"; else echo "SSI-VMM-BOOT-FAILED"; fi
 exit "$fail"
