@@ -129,7 +129,7 @@ static int cpulist[CPU_SETSIZE];
 static double seconds = 20.0, watchdog_s = 600.0;
 static long mem_mb;
 static int mem_own;
-static double vector_s; /* --vector S: only the vector-register check, S seconds */ /* --mem-own 1: each thread verifies its own share (memory aggregation) */
+static double vector_s, tlb_s; /* --vector S: only the vector-register check, S seconds */ /* --mem-own 1: each thread verifies its own share (memory aggregation) */
 static struct lockpage *lockpages[2]; /* [set][counter] */
 static struct ring *rings;            /* [producer * nthreads + consumer] */
 static size_t ring_stride;
@@ -611,6 +611,7 @@ static void usage(FILE *f)
              "  --mem MB      memory phase buffer in MiB (default 0: no memory phase)\n"
              "  --mem-own 1   each thread verifies its own share (no cross-thread check)\n"
              "  --vector S    only check that vector registers survive context switches (S s)\n"
+             "  --tlb S       only run mprotect() flips that need TLB shootdowns (S s)\n"
              "  --watchdog S  give up on a phase S seconds after its time (default 600)\n");
 }
 
@@ -723,6 +724,78 @@ static int vector_check(double secs)
   return bad ? 1 : 0;
 }
 
+/* ---- TLB shootdowns (--tlb S) --------------------------------------------------------------- */
+
+/* Thread 0 flips a shared page between read-write and read-only with mprotect() and rewrites
+ * it, while the other threads (pinned to the other CPUs, so the mm is live there) keep reading
+ * it. Each downgrade must flush the other CPUs' TLBs: the kernel sends TLB-shootdown IPIs and
+ * waits for them, so a lost IPI hangs the guest (the watchdog of this mode reports it). Readers
+ * check that what they read is a value the writer stored (a generation number and its
+ * complement). */
+static volatile uint64_t *tlb_page;
+static volatile int tlb_stop;
+static uint64_t tlb_reads[MAX_THREADS], tlb_bad[MAX_THREADS];
+
+static void *tlb_reader(void *arg)
+{
+  int idx = (int)(intptr_t)arg;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpulist[idx % ncpulist], &set);
+  sched_setaffinity(0, sizeof set, &set);
+  while (!tlb_stop) {
+    uint64_t g = __atomic_load_n(&tlb_page[0], __ATOMIC_ACQUIRE);
+    uint64_t c = __atomic_load_n(&tlb_page[1], __ATOMIC_ACQUIRE);
+    /* The writer stores [1] = ~g before [0] = g (release), so ~c >= g always holds. */
+    if (~c < g && tlb_bad[idx]++ < 3)
+      printf("ssi-check: MISMATCH tlb: thread %d read generation %" PRIu64 " with complement of %"
+             PRIu64 "\n", idx, g, ~c);
+    tlb_reads[idx]++;
+  }
+  return NULL;
+}
+
+static int tlb_check(double secs)
+{
+  void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return 2;
+  tlb_page = p;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpulist[0], &set);
+  sched_setaffinity(0, sizeof set, &set);
+  int n = ncpulist < MAX_THREADS ? ncpulist : MAX_THREADS;
+  pthread_t t[MAX_THREADS];
+  for (int i = 1; i < n; i++) pthread_create(&t[i], NULL, tlb_reader, (void *)(intptr_t)i);
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  uint64_t gen = 0, flips = 0;
+  int rc = 0;
+  for (;;) {
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if ((double)(now.tv_sec - start.tv_sec) + (double)(now.tv_nsec - start.tv_nsec) / 1e9 > secs)
+      break;
+    gen++;
+    __atomic_store_n(&tlb_page[1], ~gen, __ATOMIC_RELEASE);
+    __atomic_store_n(&tlb_page[0], gen, __ATOMIC_RELEASE);
+    if (mprotect(p, 4096, PROT_READ) != 0 || mprotect(p, 4096, PROT_READ | PROT_WRITE) != 0) {
+      rc = 2;
+      break;
+    }
+    flips++;
+  }
+  tlb_stop = 1;
+  uint64_t reads = 0, bad = 0;
+  for (int i = 1; i < n; i++) {
+    pthread_join(t[i], NULL);
+    reads += tlb_reads[i];
+    bad += tlb_bad[i];
+  }
+  printf("SSI-CHECK-TLB: cpus=%d flips=%" PRIu64 " reads=%" PRIu64 " mismatches=%" PRIu64 "\n", n,
+         flips, reads, bad);
+  return rc ? rc : bad ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
   setvbuf(stdout, NULL, _IOLBF, 0);
@@ -753,6 +826,7 @@ int main(int argc, char **argv)
     if (strcmp(name, "--seconds") == 0) seconds = num_arg(name, v, 0, 1e6);
     else if (strcmp(name, "--threads") == 0) nthreads = (int)num_arg(name, v, 1, MAX_THREADS);
     else if (strcmp(name, "--mem") == 0) mem_mb = (long)num_arg(name, v, 0, 1 << 20);
+    else if (strcmp(name, "--tlb") == 0) tlb_s = num_arg(name, v, 0, 1e6);
     else if (strcmp(name, "--vector") == 0) vector_s = num_arg(name, v, 0, 1e6);
     else if (strcmp(name, "--mem-own") == 0) mem_own = (int)num_arg(name, v, 0, 1);
     else if (strcmp(name, "--watchdog") == 0) watchdog_s = num_arg(name, v, 1, 1e6);
@@ -773,6 +847,7 @@ int main(int argc, char **argv)
   if (ncpulist == 0)
     for (; ncpulist < ncpus && ncpulist < CPU_SETSIZE; ncpulist++) cpulist[ncpulist] = ncpulist;
   if (vector_s > 0) return vector_check(vector_s);
+  if (tlb_s > 0) return tlb_check(tlb_s);
 
   printf("ssi-check: threads=%d cpus=%d seconds=%g mem=%ldMiB"
 #ifdef BREAK_LOCKS

@@ -1,7 +1,7 @@
 //! One guest across several `ssi-vmm` host processes on this machine (`ssi-vmm up --local N`):
 //! the lean kernel boots with one vCPU per host, the guest sees every host's CPU, the in-guest
-//! SMP checker (locks, shared rings, cross-CPU memory verification, threads pinned to CPUs on
-//! different hosts) finds no mismatch, and a clean poweroff ends every host process. Killing a
+//! SMP checker (vector registers across context switches, TLB shootdowns, locks, shared rings,
+//! cross-CPU memory verification, threads pinned to CPUs on different hosts) finds no mismatch, and a clean poweroff ends every host process. Killing a
 //! host stops the others within seconds.
 
 use std::io::{BufRead, BufReader};
@@ -111,6 +111,17 @@ fn check_console(console: &str, hosts: usize) {
         .find(|l| l.starts_with("SSI-CHECK-VECTOR:"))
         .unwrap_or_else(|| panic!("no vector-register result:\n{console}"));
     assert!(vector.ends_with("mismatches=0"), "{vector}");
+    // TLB shootdowns: mprotect() on one CPU with the mm live on the others' hosts completes
+    // (a lost IPI would hang it) and readers never see a torn value.
+    let tlb = console
+        .lines()
+        .find(|l| l.starts_with("SSI-CHECK-TLB:"))
+        .unwrap_or_else(|| panic!("no TLB-shootdown result:\n{console}"));
+    assert!(
+        tlb.contains(&format!("cpus={hosts}")) && tlb.ends_with("mismatches=0"),
+        "{tlb}"
+    );
+    assert!(!tlb.contains("flips=0 "), "{tlb}");
     let crashes = console.matches("segfault at").count();
     assert_eq!(crashes, 0, "guest user processes crashed:\n{console}");
 }

@@ -6,7 +6,8 @@
 #   ssi.check_seconds=S  time budget of the phases (default 20)
 #   ssi.check_mem=MB     memory phase buffer in MiB (default 64; 0 skips the phase)
 #   ssi.check_mem_own=1  each worker verifies only its own share of that buffer
-# First, 5 s of `ssi-check --vector` (vector registers across context switches).
+# First, 5 s of `ssi-check --vector` (vector registers across context switches) and 5 s of
+# `ssi-check --tlb` (mprotect() flips that need TLB-shootdown IPIs to the other CPUs).
 #   ssi.check_aggr=MB    afterwards, a second run with only the memory phase over MB MiB,
 #                        each worker on its own share (memory aggregation across hosts);
 #                        its result line starts with "SSI-CHECK-AGGR:"
@@ -33,6 +34,8 @@ fi
 echo "SSI-VMM-NPROC=$(nproc)"
 # Vector registers must survive context switches (see ssi-check --vector).
 /bin/ssi-check --vector 5 || { echo "SSI-VMM-CHECK-FAILED=vector"; exit 1; }
+# TLB shootdowns across CPUs (hosts): mprotect() flips while other CPUs read the page.
+/bin/ssi-check --tlb 5 || { echo "SSI-VMM-CHECK-FAILED=tlb"; exit 1; }
 echo "check: running ssi-check --seconds $secs --mem $mem --mem-own $own"
 /bin/ssi-check --seconds "$secs" --mem "$mem" --mem-own "$own"
 rc=$?
