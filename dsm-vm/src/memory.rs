@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use transport::{Handler, PeerEvent, Responder, Transport};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -140,6 +141,9 @@ impl Net for TransportNet {
 type RealEngine = Engine<UffdPages, TransportNet>;
 
 struct Inner {
+    /// Written when the engine holds back an acknowledgement, so the fault thread re-arms
+    /// its timer.
+    kick: OwnedFd,
     engine: Mutex<RealEngine>,
     stats: Arc<Stats>,
     ram: Arc<GuestRam>,
@@ -151,6 +155,19 @@ impl Inner {
     fn engine(&self) -> MutexGuard<'_, RealEngine> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn kick(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from `one` to our eventfd; a full counter only means a kick
+        // is already pending.
+        let _ = unsafe {
+            libc::write(
+                self.kick.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
 }
 
 impl Handler for Inner {
@@ -158,7 +175,14 @@ impl Handler for Inner {
         if responder.is_some() {
             debug!("dsm: request from {from} answered with an error: DSM is one-way");
         }
-        self.engine().on_message(from, msg);
+        let held = {
+            let mut e = self.engine();
+            e.on_message(from, msg);
+            e.release_held(Instant::now())
+        };
+        if held.is_some() {
+            self.kick();
+        }
     }
     fn on_peer_event(&self, event: &PeerEvent) {
         if let PeerEvent::Down { peer, reason } = event {
@@ -234,7 +258,17 @@ impl DsmMemory {
             net,
             stats.clone(),
         );
+        // SAFETY: plain syscall; the result is checked and owned below.
+        let kfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if kfd < 0 {
+            return Err(Error::Thread(io::Error::last_os_error()));
+        }
+        // SAFETY: `kfd` is a fresh descriptor we own.
+        let kick = unsafe { OwnedFd::from_raw_fd(kfd) };
+        let mut engine = engine;
+        engine.set_hold(hold_from_env());
         let inner = Arc::new(Inner {
+            kick,
             engine: Mutex::new(engine),
             stats,
             ram,
@@ -370,9 +404,29 @@ impl Drop for DsmMemory {
     }
 }
 
+/// Default time a host keeps a page it was just granted (see `Engine::set_hold`); overridden
+/// by `SSI_VMM_DSM_HOLD_US`.
+pub const DEFAULT_HOLD: Duration = Duration::from_micros(500);
+
+fn hold_from_env() -> Duration {
+    std::env::var("SSI_VMM_DSM_HOLD_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_micros)
+        .unwrap_or(DEFAULT_HOLD)
+}
+
 fn fault_loop(inner: &Inner, stop: i32) {
     let mut faults = Vec::with_capacity(64);
+    let mut next: Option<Instant> = None;
     loop {
+        let timeout = next.map(|t| {
+            let d = t.saturating_duration_since(Instant::now());
+            libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
+            }
+        });
         let mut fds = [
             libc::pollfd {
                 fd: inner.uffd.as_raw_fd(),
@@ -384,9 +438,18 @@ fn fault_loop(inner: &Inner, stop: i32) {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: inner.kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let tp = timeout
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `fds` is a valid array of three pollfd and `tp` null or a valid timespec for
+        // the duration of the call.
+        let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 3, tp, std::ptr::null()) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -398,11 +461,20 @@ fn fault_loop(inner: &Inner, stop: i32) {
         if fds[1].revents != 0 {
             return;
         }
+        if fds[2].revents != 0 {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into `v` from our non-blocking eventfd.
+            let _ = unsafe {
+                libc::read(
+                    inner.kick.as_raw_fd(),
+                    (&mut v as *mut u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+        }
         faults.clear();
-        match inner.uffd.read_faults(&mut faults) {
-            Ok(0) => continue,
-            Ok(_) => {}
-            Err(e) => {
+        if fds[0].revents != 0 {
+            if let Err(e) = inner.uffd.read_faults(&mut faults) {
                 error!("dsm fault handler: {e}");
                 return;
             }
@@ -414,5 +486,6 @@ fn fault_loop(inner: &Inner, stop: i32) {
                 None => error!("dsm: fault at {:#x} outside guest RAM", f.addr),
             }
         }
+        next = engine.release_held(Instant::now());
     }
 }

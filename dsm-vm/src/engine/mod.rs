@@ -18,6 +18,7 @@ use log::{error, warn};
 use proto::{Access, Content, FetchMode, HostId, Message, NackReason, PageBuf, Pfn, PAGE_SIZE};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 mod home;
 use home::DirEntry;
@@ -74,6 +75,9 @@ pub(crate) struct Engine<P, N> {
     dir: HashMap<Pfn, DirEntry>,
     next_txn: u64,
     inbox: VecDeque<(HostId, Message)>,
+    /// Grant acknowledgements held back until the given instant (see [`Engine::set_hold`]).
+    held: VecDeque<(Instant, HostId, Message)>,
+    hold: Duration,
     pages: P,
     net: N,
     stats: Arc<Stats>,
@@ -112,10 +116,34 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             dir: HashMap::new(),
             next_txn: 1,
             inbox: VecDeque::new(),
+            held: VecDeque::new(),
+            hold: Duration::ZERO,
             pages,
             net,
             stats,
         }
+    }
+
+    /// Minimum time a host keeps a page it was just granted before the home may move it again
+    /// (the `GrantAck` that ends the transaction is held back that long). Without it, a vCPU
+    /// woken by a write grant can lose the page to a queued read before it retried its store,
+    /// and hosts spinning on one page livelock (seen as a 3-host boot stuck in stop_machine).
+    pub(crate) fn set_hold(&mut self, hold: Duration) {
+        self.hold = hold;
+    }
+
+    /// Sends the held acknowledgements that are due; returns when the next one is.
+    pub(crate) fn release_held(&mut self, now: Instant) -> Option<Instant> {
+        while let Some((due, _, _)) = self.held.front() {
+            if *due > now {
+                break;
+            }
+            if let Some((_, to, msg)) = self.held.pop_front() {
+                self.deliver(to, msg);
+            }
+        }
+        self.pump();
+        self.held.front().map(|h| h.0)
     }
 
     #[cfg(test)]
@@ -144,6 +172,7 @@ impl<P: PageOps, N: Net> Engine<P, N> {
     pub(crate) fn is_quiescent(&self) -> bool {
         self.pending.is_empty()
             && self.inbox.is_empty()
+            && self.held.is_empty()
             && self
                 .dir
                 .values()
@@ -455,6 +484,11 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             }
         };
         self.op(r);
-        self.deliver(from, Message::GrantAck { pfn, txn });
+        let ack = Message::GrantAck { pfn, txn };
+        if self.hold.is_zero() {
+            self.deliver(from, ack);
+        } else {
+            self.held.push_back((Instant::now() + self.hold, from, ack));
+        }
     }
 }

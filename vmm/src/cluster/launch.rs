@@ -70,6 +70,10 @@ pub enum Error {
     /// A job message is malformed or not authentic.
     #[error("bad job: {0}")]
     BadJob(String),
+    /// A cluster peer's transport handshake reached the daemon before its job did (the peer
+    /// redials; harmless).
+    #[error("a cluster peer dialed before this host received its job")]
+    EarlyPeer,
     /// The VM failed on this host.
     #[error(transparent)]
     Vm(#[from] Box<crate::vm::Error>),
@@ -154,6 +158,10 @@ pub fn read_job(r: &mut impl Read, key: &[u8]) -> Result<Job, Error> {
     let mut magic = [0u8; MAGIC.len()];
     r.read_exact(&mut magic).map_err(|e| bad(e.to_string()))?;
     if magic != MAGIC {
+        // A transport handshake frame: u32 length, kind 1 (Hello), then the protocol magic.
+        if magic[4] == 1 && magic[5..9] == proto::handshake::MAGIC {
+            return Err(Error::EarlyPeer);
+        }
         return Err(bad("not an ssi-vmm job (wrong magic or version)".into()));
     }
     let mut len = [0u8; 4];
@@ -198,6 +206,10 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
         });
         let (spec, cfg) = match accepted {
             Ok(x) => x,
+            Err(Error::EarlyPeer) => {
+                log::debug!("{peer}: a cluster peer dialed before our job arrived; it will retry");
+                continue;
+            }
             Err(e) => {
                 log::error!("refused a job from {peer}: {e}");
                 let _ = writeln!(stream, "ERR {e}");
@@ -483,6 +495,13 @@ mod tests {
         tampered[n] ^= 1;
         assert!(read_job(&mut &tampered[..], key).is_err());
         assert!(read_job(&mut &b"GET / HTTP/1.0\r\n\r\n"[..], key).is_err());
+        let mut hello = vec![0, 0, 0, 0, 1];
+        hello.extend_from_slice(&proto::handshake::MAGIC);
+        hello.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            read_job(&mut &hello[..], key),
+            Err(Error::EarlyPeer)
+        ));
         assert!(read_job(&mut &wire[..wire.len() - 1], key).is_err());
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
