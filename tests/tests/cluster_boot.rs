@@ -35,31 +35,40 @@ fn alive(pid: u32) -> bool {
             .contains(") Z ")
 }
 
+/// `ssi-vmm up --local` arguments for the lean kernel and the test initramfs.
+fn up_args(name: &str, hosts: usize, append: &str) -> Vec<String> {
+    let (kernel, initrd) = (lean_kernel(), initramfs());
+    [
+        "up",
+        "--local",
+        &hosts.to_string(),
+        "--name",
+        name,
+        "--kernel",
+        kernel.to_str().unwrap_or_default(),
+        "--initrd",
+        initrd.to_str().unwrap_or_default(),
+        "--memory",
+        "512M",
+        "--append",
+        append,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Boots the lean kernel on `hosts` local hosts with `append`, asserts a clean run on every
 /// host, and returns the console and the state directory.
 fn boot(name: &str, hosts: usize, append: &str) -> (String, PathBuf) {
     let dir = state_dir(name);
     // The test binary runs its tests one at a time; the variable only reaches our children.
     std::env::set_var("SSI_VMM_STATE_DIR", &dir);
-    let kernel = lean_kernel();
-    let initrd = initramfs();
     let n = hosts.to_string();
+    let args = up_args(name, hosts, append);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = run_vmm(
-        &[
-            "up",
-            "--local",
-            &n,
-            "--name",
-            name,
-            "--kernel",
-            kernel.to_str().unwrap_or_default(),
-            "--initrd",
-            initrd.to_str().unwrap_or_default(),
-            "--memory",
-            "512M",
-            "--append",
-            append,
-        ],
+        &args,
         &["SSI-VMM-USERSPACE-UP", "SSI-VMM-TEST-EXIT"],
         DEADLINE,
     );
@@ -182,24 +191,8 @@ fn three_hosts_boot_and_pass_the_smp_checker() {
 fn killing_a_host_stops_the_others() {
     let name = "kill";
     let dir = state_dir(name);
-    let kernel = lean_kernel();
-    let initrd = initramfs();
     let mut up = Command::new(vmm_bin())
-        .args([
-            "up",
-            "--local",
-            "2",
-            "--name",
-            name,
-            "--kernel",
-            kernel.to_str().unwrap_or_default(),
-            "--initrd",
-            initrd.to_str().unwrap_or_default(),
-            "--memory",
-            "512M",
-            "--append",
-            "ssi.test=boot",
-        ])
+        .args(up_args(name, 2, "ssi.test=boot"))
         .env("SSI_VMM_STATE_DIR", &dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
