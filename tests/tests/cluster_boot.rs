@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ssi_tests::{initramfs, lean_kernel, run_vmm, vmm_bin};
 
-const DEADLINE: Duration = Duration::from_secs(1500);
+const DEADLINE: Duration = Duration::from_secs(2400);
 
 fn state_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ssi-cluster-{name}-{}", std::process::id()));

@@ -124,7 +124,8 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         }
     }
 
-    /// Minimum time a host keeps a page it was just granted before the home may move it again
+    /// Minimum time a host keeps a page it was just granted for writing before the home may move
+    /// it again
     /// (the `GrantAck` that ends the transaction is held back that long). Without it, a vCPU
     /// woken by a write grant can lose the page to a queued read before it retried its store,
     /// and hosts spinning on one page livelock (seen as a 3-host boot stuck in stop_machine).
@@ -485,7 +486,10 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         };
         self.op(r);
         let ack = Message::GrantAck { pfn, txn };
-        if self.hold.is_zero() {
+        // Only writers need the hold: a reader that loses its copy early re-faults while the
+        // writer that took it makes progress, but a writer that loses the page before its
+        // store completes can starve.
+        if self.hold.is_zero() || access == Access::Read {
             self.deliver(from, ack);
         } else {
             self.held.push_back((Instant::now() + self.hold, from, ack));
