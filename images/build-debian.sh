@@ -120,7 +120,10 @@ for u in "${MASK[@]}"; do
   ln -s /dev/null "$sysd/$u"
 done
 mkdir -p "$root/etc/systemd/system.conf.d"
-printf '[Manager]\nDefaultTimeoutStopSec=10s\n' > "$root/etc/systemd/system.conf.d/ssi-vmm.conf"
+# Guest kernel code is emulated on the project's machines: starting a unit or waiting for a
+# device can take many minutes, so no start or device timeout (the defaults, 90 s, failed
+# journald, udevd and dev-ttyS0 in a measured boot).
+printf '[Manager]\nDefaultTimeoutStopSec=10s\nDefaultTimeoutStartSec=infinity\nDefaultDeviceTimeoutSec=infinity\n' > "$root/etc/systemd/system.conf.d/ssi-vmm.conf"
 
 # Do at build time what systemd would otherwise do at first boot (ConditionNeedsUpdate=):
 # hwdb, ldconfig; then mark /etc and /var as up to date.

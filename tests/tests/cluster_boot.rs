@@ -140,7 +140,7 @@ fn check_console(console: &str, hosts: usize) {
 /// aggregation: the guest uses more memory than any one host has).
 #[test]
 fn two_hosts_boot_pass_the_smp_checker_and_aggregate_memory() {
-    const AGGR_MB: u64 = 192;
+    const AGGR_MB: u64 = 160;
     let (console, dir) = boot(
         "two",
         2,

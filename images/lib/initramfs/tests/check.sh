@@ -37,11 +37,11 @@ echo "SSI-VMM-NPROC=$(nproc)"
 # TLB shootdowns across CPUs (hosts): mprotect() flips while other CPUs read the page.
 /bin/ssi-check --tlb 5 || { echo "SSI-VMM-CHECK-FAILED=tlb"; exit 1; }
 echo "check: running ssi-check --seconds $secs --mem $mem --mem-own $own"
-/bin/ssi-check --seconds "$secs" --mem "$mem" --mem-own "$own"
+/bin/ssi-check --seconds "$secs" --mem "$mem" --mem-own "$own" --watchdog 1800
 rc=$?
 if [ "$rc" -eq 0 ] && [ "$aggr" -gt 0 ]; then
   echo "check: running ssi-check --seconds 1 --mem $aggr --mem-own 1 (aggregation)"
-  /bin/ssi-check --seconds 1 --mem "$aggr" --mem-own 1 > /tmp/aggr.out
+  /bin/ssi-check --seconds 1 --mem "$aggr" --mem-own 1 --watchdog 2400 > /tmp/aggr.out
   rc=$?
   sed 's/^SSI-CHECK:/SSI-CHECK-AGGR:/' /tmp/aggr.out
 fi
