@@ -10,7 +10,7 @@
 //! `--stats-json` (exits by reason, emulation fix-ups by instruction).
 //!
 //! ```text
-//! cargo run --release -p ssi-tests --bin bench -- cluster [--runs N]
+//! cargo run --release -p ssi-tests --bin bench -- cluster [--runs N] [--only-par]
 //! ```
 //! Boots the lean kernel with `ssi-vmm up --local H` (one vCPU per host) for H = 1, 2, 3 and
 //! reports the host time to `SSI-VMM-USERSPACE-UP`; then runs the CPU-parallel workload
@@ -86,10 +86,10 @@ fn up(hosts: u32, cpus_per_host: u32, append: &str, markers: &[&str]) -> ssi_tes
     )
 }
 
-fn cluster(runs: usize) {
+fn cluster(runs: usize, only_par: bool) {
     println!("| hosts x vCPUs | run | userspace (s) | poweroff (s) | result |");
     println!("|---|---|---|---|---|");
-    for hosts in [1, 2, 3] {
+    for hosts in [1, 2, 3].into_iter().filter(|_| !only_par) {
         for r in 0..runs {
             let run = up(hosts, 1, "ssi.test=nproc", &["SSI-VMM-USERSPACE-UP"]);
             let upt = run
@@ -140,7 +140,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     if args.first().map(String::as_str) == Some("cluster") {
-        cluster(runs_arg);
+        cluster(runs_arg, args.iter().any(|a| a == "--only-par"));
         return;
     }
     if args.first().map(String::as_str) != Some("boot") {
