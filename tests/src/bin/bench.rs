@@ -10,7 +10,7 @@
 //! `--stats-json` (exits by reason, emulation fix-ups by instruction).
 //!
 //! ```text
-//! cargo run --release -p ssi-tests --bin bench -- cluster [--runs N] [--only-par]
+//! cargo run --release -p ssi-tests --bin bench -- cluster [--runs N] [--only-par | --only-boot]
 //! ```
 //! Boots the lean kernel with `ssi-vmm up --local H` (one vCPU per host) for H = 1, 2, 3 and
 //! reports the host time to `SSI-VMM-USERSPACE-UP`; then runs the CPU-parallel workload
@@ -86,7 +86,7 @@ fn up(hosts: u32, cpus_per_host: u32, append: &str, markers: &[&str]) -> ssi_tes
     )
 }
 
-fn cluster(runs: usize, only_par: bool) {
+fn cluster(runs: usize, only_par: bool, only_boot: bool) {
     println!("| hosts x vCPUs | run | userspace (s) | poweroff (s) | result |");
     println!("|---|---|---|---|---|");
     for hosts in [1, 2, 3].into_iter().filter(|_| !only_par) {
@@ -108,7 +108,7 @@ fn cluster(runs: usize, only_par: bool) {
     println!();
     println!("| layout | run | one CPU (ms) | all CPUs (ms) | speedup | result |");
     println!("|---|---|---|---|---|---|");
-    for (hosts, cpus) in [(2, 1), (1, 2)] {
+    for (hosts, cpus) in [(2, 1), (1, 2)].into_iter().filter(|_| !only_boot) {
         for r in 0..runs {
             let run = up(hosts, cpus, "ssi.test=par", &[]);
             let v = |k: &str| run.value(k).unwrap_or_else(|| "-".into());
@@ -140,7 +140,8 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     if args.first().map(String::as_str) == Some("cluster") {
-        cluster(runs_arg, args.iter().any(|a| a == "--only-par"));
+        let has = |f: &str| args.iter().any(|a| a == f);
+        cluster(runs_arg, has("--only-par"), has("--only-boot"));
         return;
     }
     if args.first().map(String::as_str) != Some("boot") {
