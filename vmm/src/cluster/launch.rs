@@ -129,13 +129,11 @@ pub fn generate_key(path: &Path) -> Result<Vec<u8>, Error> {
     Ok(hex.into_bytes())
 }
 
-fn mac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| {
-        // HMAC accepts keys of any length; this branch cannot be taken.
-        <Hmac<Sha256> as Mac>::new_from_slice(&[0u8; 32]).expect("fixed-size key")
-    });
+fn mac(key: &[u8], data: &[u8]) -> Result<[u8; 32], Error> {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .map_err(|e| Error::BadJob(format!("cluster key: {e}")))?;
     m.update(data);
-    m.finalize().into_bytes().into()
+    Ok(m.finalize().into_bytes().into())
 }
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -143,13 +141,13 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 /// Encodes a job for the wire.
-pub fn encode_job(job: &Job, key: &[u8]) -> Vec<u8> {
-    let json = serde_json::to_vec(job).unwrap_or_default();
+pub fn encode_job(job: &Job, key: &[u8]) -> Result<Vec<u8>, Error> {
+    let json = serde_json::to_vec(job).map_err(|e| Error::BadJob(e.to_string()))?;
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(&json);
-    out.extend_from_slice(&mac(key, &json));
-    out
+    out.extend_from_slice(&mac(key, &json)?);
+    Ok(out)
 }
 
 /// Reads and authenticates one job from `r`.
@@ -277,7 +275,7 @@ pub fn up(
             epoch_ns,
             state_dir: state_dir.clone(),
         };
-        s.write_all(&encode_job(&job, key))
+        s.write_all(&encode_job(&job, key)?)
             .map_err(|e| host_err(format!("sending the job: {e}")))?;
         let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
         let mut r = BufReader::new(s);
@@ -485,7 +483,7 @@ mod tests {
     #[test]
     fn jobs_are_authenticated() {
         let key = b"0123456789abcdef0123";
-        let wire = encode_job(&job(), key);
+        let wire = encode_job(&job(), key).unwrap();
         let got = read_job(&mut &wire[..], key).unwrap();
         assert_eq!(got.host, 1);
         let e = read_job(&mut &wire[..], b"another key of 16 bytes").unwrap_err();

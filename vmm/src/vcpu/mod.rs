@@ -119,8 +119,7 @@ impl Vcpu {
                 return Ok(());
             }
             self.inject()?;
-            let zap = self.zap.clone();
-            let gate = zap.as_ref().map(|z| z.enter());
+            let gate = self.zap.as_ref().map(|z| z.enter());
             let exit = self.fd.run();
             drop(gate);
             let idx = self.index;

@@ -27,13 +27,7 @@ fn component(i: u32) -> (usize, usize) {
 }
 
 fn xcr0(vcpu: &VcpuFd) -> Result<u64, Error> {
-    let x = vcpu.get_xcrs().map_err(|e| Error::Kvm("GET_XCRS", e))?;
-    let n = (x.nr_xcrs as usize).min(x.xcrs.len());
-    Ok(x.xcrs[..n]
-        .iter()
-        .find(|c| c.xcr == 0)
-        .map(|c| c.value)
-        .unwrap_or(3))
+    xgetbv(vcpu, 0)
 }
 
 fn to_bytes(x: &kvm_xsave) -> Vec<u8> {
