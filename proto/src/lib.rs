@@ -28,8 +28,9 @@
 //! | 0x16 | `Grant`         | home -> requester    | pfn, txn, access u8, content u8 (0 zero, 1 keep, 2 data + 4096 bytes) | 19 or 4115 |
 //! | 0x17 | `GrantAck`      | requester -> home    | pfn u64, txn u64                         | 17    |
 //! | 0x18 | `Nack`          | any -> requester     | pfn u64, txn u64, reason u8              | 18    |
-//! | 0x30 | `Ipi`           | sender host -> vCPU host | dest u32, vector u8, delivery u8, level u8, flags u8 (logical, shorthand), source u32 | 13 |
+//! | 0x30 | `Ipi`           | sender host -> vCPU host | dest u32, vector u8, delivery u8, level u8, flags u8 (logical, shorthand, x2APIC), source u32 | 13 |
 //! | 0x31 | `Eoi`           | vCPU host -> IOAPIC host | vector u8 (level-triggered EOI)          | 2     |
+//! | 0x32 | `IrqPulse`      | device host -> IOAPIC host | pin u8 (edge on an IOAPIC input)       | 2     |
 //! | 0x40 | `Mmio`          | vCPU host -> device host | addr u64, size u8, write u8, data u64 | 19    |
 //! | 0x41 | `Pio`           | vCPU host -> device host | port u16, size u8, write u8, data u32 | 9     |
 //! | 0x42 | `IoReply`       | device host -> vCPU host | data u64                             | 9     |
@@ -38,7 +39,9 @@
 //! | 0x53 | `Status`        | host -> host 0       | JSON text (u16 len + UTF-8, <= 1024)     | var   |
 //! | 0x5f | `Error`         | responder -> requester | code u16, message (u16 len + UTF-8)    | var   |
 //!
-//! Version 2 added the `Ipi` flags/source fields, `Eoi` and `Status`.
+//! Version 2 added the `Ipi` flags/source fields, `Eoi` and `Status`; version 3 the x2APIC
+//! destination format flag of `Ipi` (32-bit destinations) and `IrqPulse` (devices homed on
+//! other hosts than the IOAPIC's).
 //!
 //! # DSM coherence (single writer / multiple readers, home-based directory)
 //!
@@ -93,13 +96,13 @@ pub use codec::Error;
 pub use frame::{Frame, FrameKind, MAX_FRAME};
 pub use handshake::{Handshake, Hello, RejectReason};
 pub use message::{Access, Content, FetchMode, Message, NackReason, PageBuf, Pfn, Service};
-pub use message::{IPI_FROM_DEVICE, IPI_LOGICAL};
+pub use message::{IPI_FROM_DEVICE, IPI_LOGICAL, IPI_X2APIC};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of the wire protocol spoken by this build. Peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Size of a guest page moved by the DSM.
 pub const PAGE_SIZE: usize = 4096;

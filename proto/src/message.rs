@@ -186,6 +186,11 @@ pub enum Message {
         /// Vector.
         vector: u8,
     },
+    /// An edge on an IOAPIC input, raised by a device on another host than the IOAPIC's.
+    IrqPulse {
+        /// IOAPIC pin (GSI).
+        pin: u8,
+    },
     /// Periodic status of a host, sent to host 0 (JSON text).
     Status {
         /// JSON object.
@@ -263,6 +268,9 @@ fn access_from(v: u8) -> Result<Access, Error> {
 
 /// `Ipi` flag: the destination is a logical APIC mask.
 pub const IPI_LOGICAL: u8 = 1;
+/// `Ipi` flag: the destination is in x2APIC format (32-bit; sender in x2APIC mode). Bits 1-2
+/// of the flags hold the shorthand.
+pub const IPI_X2APIC: u8 = 1 << 3;
 /// `Ipi` source of a device (IOAPIC) message.
 pub const IPI_FROM_DEVICE: u32 = u32::MAX;
 
@@ -290,6 +298,8 @@ pub mod tag {
     pub const IPI: u8 = 0x30;
     /// `Eoi`.
     pub const EOI: u8 = 0x31;
+    /// `IrqPulse`.
+    pub const IRQ_PULSE: u8 = 0x32;
     /// `Mmio`.
     pub const MMIO: u8 = 0x40;
     /// `Pio`.
@@ -333,7 +343,7 @@ impl Message {
             | GrantAck { .. }
             | Nack { .. } => Service::Dsm,
             Ipi { .. } => Service::Vcpu,
-            Mmio { .. } | Pio { .. } | IoReply { .. } | Eoi { .. } => Service::Io,
+            Mmio { .. } | Pio { .. } | IoReply { .. } | Eoi { .. } | IrqPulse { .. } => Service::Io,
             Ping { .. } | Pong { .. } | Stop { .. } | Status { .. } | Error { .. } => {
                 Service::Control
             }
@@ -355,6 +365,7 @@ impl Message {
             Nack { .. } => "Nack",
             Ipi { .. } => "Ipi",
             Eoi { .. } => "Eoi",
+            IrqPulse { .. } => "IrqPulse",
             Status { .. } => "Status",
             Mmio { .. } => "Mmio",
             Pio { .. } => "Pio",
@@ -450,6 +461,10 @@ impl Message {
             Eoi { vector } => {
                 w.u8(tag::EOI);
                 w.u8(*vector);
+            }
+            IrqPulse { pin } => {
+                w.u8(tag::IRQ_PULSE);
+                w.u8(*pin);
             }
             Status { json } => {
                 w.u8(tag::STATUS);
@@ -584,6 +599,7 @@ impl Message {
             tag::EOI => Eoi {
                 vector: r.u8("vector")?,
             },
+            tag::IRQ_PULSE => IrqPulse { pin: r.u8("pin")? },
             tag::STATUS => Status {
                 json: r.str("json", MAX_STRING)?,
             },
@@ -698,6 +714,7 @@ pub(crate) mod tests {
                 source: 1,
             },
             Eoi { vector: 0x31 },
+            IrqPulse { pin: 5 },
             Status {
                 json: "{\"host\":1}".into(),
             },

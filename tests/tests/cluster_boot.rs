@@ -61,11 +61,17 @@ fn up_args(name: &str, hosts: usize, append: &str) -> Vec<String> {
 /// Boots the lean kernel on `hosts` local hosts with `append`, asserts a clean run on every
 /// host, and returns the console and the state directory.
 fn boot(name: &str, hosts: usize, append: &str) -> (String, PathBuf) {
+    boot_with(name, hosts, append, &[])
+}
+
+/// [`boot`] with more `up` arguments.
+fn boot_with(name: &str, hosts: usize, append: &str, extra: &[&str]) -> (String, PathBuf) {
     let dir = state_dir(name);
     // The test binary runs its tests one at a time; the variable only reaches our children.
     std::env::set_var("SSI_VMM_STATE_DIR", &dir);
     let n = hosts.to_string();
-    let args = up_args(name, hosts, append);
+    let mut args = up_args(name, hosts, append);
+    args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = run_vmm(
         &args,
@@ -147,6 +153,11 @@ fn two_hosts_boot_pass_the_smp_checker_and_aggregate_memory() {
         &format!("ssi.test=check ssi.check_seconds=20 ssi.check_mem=16 ssi.check_aggr={AGGR_MB}"),
     );
     check_console(&console, 2);
+    // The default: the guest runs its APICs in x2APIC mode (MSR interface, 32-bit IDs).
+    assert!(
+        console.contains("x2apic enabled") && console.contains("physical x2apic"),
+        "{console}"
+    );
     let aggr = console
         .lines()
         .find(|l| l.starts_with("SSI-CHECK-AGGR:"))
@@ -177,14 +188,67 @@ fn two_hosts_boot_pass_the_smp_checker_and_aggregate_memory() {
     }
 }
 
+/// Three hosts, with the guest in xAPIC mode (`nox2apic`: logical flat IPIs; the two-host
+/// test runs the default x2APIC mode) and a virtio-blk disk homed on host 2: its MMIO is
+/// forwarded there from the other hosts, its interrupts travel to host 0's IOAPIC, the guest
+/// reads a file put in the image and writes one that is in the image after poweroff.
 #[test]
-fn three_hosts_boot_and_pass_the_smp_checker() {
-    let (console, _) = boot(
+fn three_hosts_boot_and_pass_the_smp_checker_with_a_disk_on_host_2() {
+    let image = std::env::temp_dir().join(format!("ssi-cluster-disk-{}.img", std::process::id()));
+    let probe = format!("probe-{}", std::process::id());
+    let token = format!("token-{}", std::process::id());
+    make_image(&image, &probe);
+    let disk = format!("{},host=2", image.display());
+    let (console, _) = boot_with(
         "three",
         3,
-        "ssi.test=check ssi.check_seconds=20 ssi.check_mem=16",
+        &format!(
+            "nox2apic ssi.test=check,disk ssi.check_seconds=20 ssi.check_mem=16 ssi.token={token}"
+        ),
+        &["--disk", &disk],
     );
     check_console(&console, 3);
+    assert!(!console.contains("x2apic enabled"), "{console}");
+    assert_eq!(
+        value(&console, "SSI-VMM-DISK-READ").as_deref(),
+        Some(probe.as_str()),
+        "{console}"
+    );
+    assert!(console.contains("SSI-VMM-DISK-OK"), "{console}");
+    assert_eq!(debugfs_cat(&image, "ssi-vmm-written").trim(), token);
+    let _ = std::fs::remove_file(image);
+}
+
+fn value(console: &str, key: &str) -> Option<String> {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim().to_string())
+}
+
+fn make_image(path: &Path, probe: &str) {
+    let dir = path.with_extension("d");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("ssi-vmm-probe"), format!("{probe}\n")).expect("probe");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&dir)
+        .arg(path)
+        .arg("64M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) must be installed");
+    assert!(st.success(), "mkfs.ext4 failed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn debugfs_cat(image: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat /{file}")])
+        .arg(image)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

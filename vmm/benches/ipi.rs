@@ -28,9 +28,10 @@ fn ipi(dest: u8) -> Message {
         vector: 0xfb,
         mode: DeliveryMode::Fixed,
         level: false,
-        dest,
+        dest: u32::from(dest),
         logical: false,
         shorthand: Shorthand::None,
+        x2apic: false,
     }
 }
 

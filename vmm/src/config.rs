@@ -56,6 +56,19 @@ pub enum Error {
     /// Too many disks for the IRQ lines we hand out.
     #[error("at most {0} disks are supported")]
     TooManyDisks(usize),
+    /// A `--disk` option is not `ro` or `host=N`.
+    #[error("invalid disk option {0:?} (expected PATH[,ro][,host=N])")]
+    BadDiskOption(String),
+    /// A disk's home host is not in the machine.
+    #[error("disk {path:?} is on host {host}, but the machine has {hosts} host(s)")]
+    DiskHost {
+        /// The disk.
+        path: PathBuf,
+        /// Its home host.
+        host: usize,
+        /// Hosts in the machine.
+        hosts: usize,
+    },
 }
 
 /// One virtio-blk disk.
@@ -65,6 +78,34 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Expose the disk read-only.
     pub read_only: bool,
+    /// Home host: the host that opens the image and emulates the device (0 on one host).
+    pub host: usize,
+}
+
+/// Parses `PATH[,ro][,host=N]` (options are taken from the end, so a path may hold commas).
+pub fn parse_disk(spec: &str) -> Result<DiskConfig, Error> {
+    let mut path = spec;
+    let (mut read_only, mut host) = (false, 0);
+    while let Some((head, opt)) = path.rsplit_once(',') {
+        if opt == "ro" {
+            read_only = true;
+        } else if let Some(n) = opt.strip_prefix("host=") {
+            host = n
+                .parse()
+                .map_err(|_| Error::BadDiskOption(opt.to_string()))?;
+        } else {
+            break;
+        }
+        path = head;
+    }
+    if path.is_empty() {
+        return Err(Error::BadDiskOption(spec.to_string()));
+    }
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+        host,
+    })
 }
 
 /// A validated machine configuration.
@@ -93,7 +134,7 @@ pub struct VmConfig {
 /// `nofsgsbase nopcid`: the host forces FSGSBASE on in CPUID leaf 7; both are kept off (PCID is
 /// also hidden in CPUID) to keep the guest on the paths measured here.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 tsc=reliable no_timer_check \
-nokaslr nox2apic nofsgsbase nopcid clearcpuid=ssse3,popcnt,xsaveopt,xsavec,xsaves \
+nokaslr nofsgsbase nopcid clearcpuid=ssse3,popcnt,xsaveopt,xsavec,xsaves \
 cryptomgr.notests rodata=off";
 
 /// Parses `512M`, `1G`, `1048576`, `2g` and the like into bytes.
@@ -137,9 +178,29 @@ impl VmConfig {
     }
 
     /// Checks everything [`VmConfig::validate_machine`] checks, and that the kernel, initrd
-    /// and disks can be used.
+    /// and every disk can be used here (one host, or a cluster started from this machine).
     pub fn validate(&self) -> Result<(), Error> {
         self.validate_machine()?;
+        self.validate_files(None)
+    }
+
+    /// The file checks of host `me` of a cluster of `hosts`: the kernel and initrd on host 0,
+    /// each disk on its home host.
+    pub fn validate_host(&self, me: usize, hosts: usize) -> Result<(), Error> {
+        self.validate_machine()?;
+        if let Some(d) = self.disks.iter().find(|d| d.host >= hosts) {
+            return Err(Error::DiskHost {
+                path: d.path.clone(),
+                host: d.host,
+                hosts,
+            });
+        }
+        self.validate_files(Some(me))
+    }
+
+    /// Checks the files used on host `me` (every file when `me` is None).
+    fn validate_files(&self, me: Option<usize>) -> Result<(), Error> {
+        let here = |h: usize| me.is_none_or(|m| m == h);
         let readable = |what, path: &PathBuf| {
             std::fs::File::open(path)
                 .map(|_| ())
@@ -149,8 +210,10 @@ impl VmConfig {
                     source,
                 })
         };
-        readable("kernel", &self.kernel)?;
-        if let Some(initrd) = &self.initrd {
+        if here(0) {
+            readable("kernel", &self.kernel)?;
+        }
+        if let Some(initrd) = self.initrd.as_ref().filter(|_| here(0)) {
             readable("initrd", initrd)?;
             let size = std::fs::metadata(initrd).map(|m| m.len()).unwrap_or(0);
             // The kernel is loaded at 16 MiB; the initrd must fit above it in low memory.
@@ -166,7 +229,7 @@ impl VmConfig {
                 });
             }
         }
-        for d in &self.disks {
+        for d in self.disks.iter().filter(|d| here(d.host)) {
             let res = std::fs::OpenOptions::new()
                 .read(true)
                 .write(!d.read_only)
@@ -187,6 +250,21 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_options() {
+        let d = parse_disk("/a/b.img").unwrap();
+        assert_eq!((d.path, d.read_only, d.host), ("/a/b.img".into(), false, 0));
+        let d = parse_disk("/a/b.img,ro,host=2").unwrap();
+        assert_eq!((d.path, d.read_only, d.host), ("/a/b.img".into(), true, 2));
+        let d = parse_disk("/a,b.img,host=1").unwrap();
+        assert_eq!((d.path, d.read_only, d.host), ("/a,b.img".into(), false, 1));
+        assert!(matches!(
+            parse_disk("x.img,host=two"),
+            Err(Error::BadDiskOption(_))
+        ));
+        assert!(parse_disk(",ro").is_err());
+    }
 
     #[test]
     fn sizes() {

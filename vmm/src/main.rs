@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vmm::config::{self, DiskConfig, VmConfig};
+use vmm::config::{self, VmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -71,7 +71,8 @@ struct UpArgs {
     /// Guest RAM (with --local).
     #[arg(long, default_value = "1G")]
     memory: String,
-    /// Disk image served by host 0, `,ro` for read-only (with --local). Repeatable.
+    /// Disk image `PATH[,ro][,host=N]`: read-only, and the host that serves it (default 0)
+    /// (with --local). Repeatable.
     #[arg(long)]
     disk: Vec<String>,
     /// DSM home interleave in pages (with --local).
@@ -84,19 +85,6 @@ struct StatusArgs {
     /// State directory root (default $SSI_VMM_STATE_DIR or /run/ssi-vmm).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-}
-
-fn parse_disk(d: &str) -> DiskConfig {
-    match d.strip_suffix(",ro") {
-        Some(p) => DiskConfig {
-            path: p.into(),
-            read_only: true,
-        },
-        None => DiskConfig {
-            path: d.into(),
-            read_only: false,
-        },
-    }
 }
 
 fn up_main(a: UpArgs) -> Result<i32, String> {
@@ -128,21 +116,25 @@ fn up_main(a: UpArgs) -> Result<i32, String> {
                 cmdline: a.cmdline,
                 append: a.append,
                 home_chunk_pages: a.home_chunk_pages,
-                hosts: vec![spec::HostEntry {
-                    addr: "127.0.0.1:1".into(),
-                    cpus: a.cpus_per_host,
-                }],
+                // Placeholder addresses: `up_local` assigns the real ones.
+                hosts: (0..n)
+                    .map(|i| spec::HostEntry {
+                        addr: format!("127.0.0.1:{}", i + 1),
+                        cpus: a.cpus_per_host,
+                    })
+                    .collect(),
                 disks: a
                     .disk
                     .iter()
                     .map(|d| {
-                        let d = parse_disk(d);
-                        spec::DiskEntry {
+                        config::parse_disk(d).map(|d| spec::DiskEntry {
                             path: d.path,
                             read_only: d.read_only,
-                        }
+                            host: d.host,
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?,
             };
             // Check the machine here, before any process is started.
             let f = spec::ClusterFile::parse(&file.to_toml().map_err(|e| e.to_string())?)
@@ -189,7 +181,7 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// Raw disk image served by virtio-blk; append `,ro` for read-only. Repeatable.
+    /// Raw disk image served by virtio-blk: `PATH[,ro]` (`,ro`: read-only). Repeatable.
     #[arg(long)]
     disk: Vec<String>,
     /// Write exit statistics as JSON to this file when the VM stops.
@@ -200,7 +192,11 @@ struct RunArgs {
 fn build_config(a: RunArgs) -> Result<VmConfig, config::Error> {
     let memory = config::parse_size(&a.memory)?;
     let cpus = u8::try_from(a.cpus).map_err(|_| config::Error::BadCpuCount(a.cpus))?;
-    let disks = a.disk.iter().map(|d| parse_disk(d)).collect();
+    let disks = a
+        .disk
+        .iter()
+        .map(|d| config::parse_disk(d))
+        .collect::<Result<Vec<_>, _>>()?;
     let cfg = VmConfig {
         kernel: a.kernel,
         initrd: a.initrd,
@@ -210,7 +206,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::Error> {
         disks,
         stats_json: a.stats_json,
     };
-    cfg.validate()?;
+    cfg.validate_host(0, 1)?;
     Ok(cfg)
 }
 

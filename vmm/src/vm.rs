@@ -13,7 +13,7 @@ use transport::Transport;
 
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
-    KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
 };
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use linux_loader::loader::bootparam::boot_params;
@@ -157,10 +157,9 @@ pub fn run_on(
     cluster: Option<(ClusterSpec, TcpListener)>,
 ) -> Result<RunReport, Error> {
     let me = cluster.as_ref().map(|(s, _)| s.me).unwrap_or(0);
-    if me == 0 {
-        cfg.validate()?;
-    } else {
-        cfg.validate_machine()?;
+    match &cluster {
+        None => cfg.validate()?,
+        Some((spec, _)) => cfg.validate_host(me, spec.hosts.len())?,
     }
     let started = Instant::now();
     // The cluster first: a peer that is not there is reported before anything is built.
@@ -175,19 +174,32 @@ pub fn run_on(
     enable_cap(
         &vm,
         kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
-        u64::from(KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN),
+        u64::from(
+            KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL,
+        ),
     )
     .map_err(|e| Error::KvmIoctl("ENABLE_CAP(X86_USER_SPACE_MSR)", e))?;
-    // The TSC-deadline MSR belongs to the userspace local APIC.
+    // The local APIC's MSRs belong to the userspace local APIC: a clear bit in a filter range
+    // sends the access to the VMM. The x2APIC registers (0x800-0x8ff) cannot be filtered; KVM
+    // fails them without an in-kernel APIC, and KVM_MSR_EXIT_REASON_INVAL above turns that
+    // failure into a userspace exit too.
     let deny = [0u8; 1];
     vm.set_msr_filter(
         MsrFilterDefaultAction::ALLOW,
-        &[MsrFilterRange {
-            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
-            base: cpu::msr::IA32_TSC_DEADLINE,
-            msr_count: 1,
-            bitmap: &deny,
-        }],
+        &[
+            MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                base: cpu::msr::IA32_TSC_DEADLINE,
+                msr_count: 1,
+                bitmap: &deny,
+            },
+            MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                base: cpu::msr::IA32_APICBASE,
+                msr_count: 1,
+                bitmap: &deny,
+            },
+        ],
     )
     .map_err(|e| Error::KvmIoctl("X86_SET_MSR_FILTER", e))?;
     if let Err(e) = enable_cap(&vm, kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE, 1) {
@@ -278,12 +290,15 @@ pub fn run_on(
     let stats = Arc::new(Stats::default());
     let fixups = Arc::new(FixupStats::default());
     let console = serial::Console::new(IrqLine::new(chip.clone(), SERIAL_IRQ));
+    // Each disk is opened and emulated on its home host only; the other hosts forward.
     let mut virtio = Vec::new();
-    if me == 0 {
-        for (i, d) in cfg.disks.iter().enumerate() {
+    for (i, d) in cfg.disks.iter().enumerate() {
+        virtio.push(if d.host == me {
             let line = IrqLine::new(chip.clone(), VIRTIO_IRQS[i]);
-            virtio.push(open_disk(&d.path, d.read_only, &mem, line)?);
-        }
+            Some(open_disk(&d.path, d.read_only, &mem, line)?)
+        } else {
+            None
+        });
     }
     let mut devices = Devices::new(console, virtio, chip.clone(), stop.clone());
     let zap = match &dsm {
@@ -299,7 +314,7 @@ pub fn run_on(
         }
         _ => None,
     };
-    let mut io_server = None;
+    let mut io_server = None::<std::sync::mpsc::Receiver<fabric::IoWork>>;
     let status = Arc::new(Mutex::new(BTreeMap::new()));
     if let Some(n) = &net {
         let fabric = Arc::new(Fabric::new(
@@ -317,11 +332,10 @@ pub fn run_on(
         }));
         let (tx, rx) = std::sync::mpsc::channel();
         fabric::register(&n.transport, chip.clone(), stop.clone(), tx, status.clone());
-        if me != 0 {
-            devices = devices.forwarding(fabric);
-        } else {
-            io_server = Some(rx);
-        }
+        let homes = cfg.disks.iter().map(|d| d.host).collect();
+        devices = devices.clustered(fabric, me, homes);
+        // Every host serves the forwarded accesses to the devices it is home of.
+        io_server = Some(rx);
     }
     let devices = Arc::new(devices);
     if let Some(rx) = io_server {

@@ -86,8 +86,9 @@ pub fn patch_cpuid(cpuid: &mut CpuId, apic_id: u8, ncpus: u8) {
             1 => {
                 e.ebx =
                     (e.ebx & 0x0000_ffff) | (u32::from(apic_id) << 24) | (u32::from(ncpus) << 16);
-                e.ecx &= !(ECX_MONITOR | ECX_VMX | ECX_PDCM | ECX_PCID | ECX_X2APIC | ECX_CX16);
-                e.ecx |= ECX_TSC_DEADLINE | ECX_HYPERVISOR;
+                e.ecx &= !(ECX_MONITOR | ECX_VMX | ECX_PDCM | ECX_PCID | ECX_CX16);
+                // x2APIC: the userspace local APIC implements the MSR interface.
+                e.ecx |= ECX_TSC_DEADLINE | ECX_HYPERVISOR | ECX_X2APIC;
                 e.edx |= EDX_APIC | (1 << 28); // APIC, HTT (multiple logical CPUs)
             }
             // Always-running APIC timer, so no PIT is needed to keep time.

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use proto::{HostId, Message, Service, IPI_FROM_DEVICE, IPI_LOGICAL};
+use proto::{HostId, Message, Service, IPI_FROM_DEVICE, IPI_LOGICAL, IPI_X2APIC};
 use transport::{Handler, PeerEvent, Responder, Transport};
 
 use crate::devices::Devices;
@@ -88,9 +88,10 @@ impl Fabric {
         }
     }
 
-    /// Performs an I/O access on host 0 and returns the value read (0 for writes).
-    pub fn forward(&self, msg: Message) -> Result<u64, Error> {
-        match self.transport.request(HostId(0), msg, IO_TIMEOUT) {
+    /// Performs an I/O access on the device's home host `home` and returns the value read (0
+    /// for writes).
+    pub fn forward(&self, home: usize, msg: Message) -> Result<u64, Error> {
+        match self.transport.request(HostId(home as u16), msg, IO_TIMEOUT) {
             Ok(Message::IoReply { data }) => Ok(data),
             Ok(other) => Err(Error::Forward(format!("unexpected reply {}", other.name()))),
             Err(e) => Err(Error::Forward(e.to_string())),
@@ -107,11 +108,13 @@ pub fn ipi_to_wire(msg: &lapic::Message, from: Option<usize>) -> Message {
         Shorthand::AllExcludingSelf => 3,
     };
     Message::Ipi {
-        dest_apic: u32::from(msg.dest),
+        dest_apic: msg.dest,
         vector: msg.vector,
         delivery: msg.mode.to_bits(),
         level: msg.level,
-        flags: (u8::from(msg.logical) * IPI_LOGICAL) | (sh << 1),
+        flags: (u8::from(msg.logical) * IPI_LOGICAL)
+            | (sh << 1)
+            | (u8::from(msg.x2apic) * IPI_X2APIC),
         source: from.map(|f| f as u32).unwrap_or(IPI_FROM_DEVICE),
     }
 }
@@ -139,9 +142,14 @@ pub fn ipi_from_wire(m: &Message) -> Option<(lapic::Message, Option<usize>)> {
         vector: *vector,
         mode: DeliveryMode::from_bits(u32::from(*delivery)),
         level: *level,
-        dest: u8::try_from(*dest_apic).ok()?,
+        dest: if flags & IPI_X2APIC != 0 {
+            *dest_apic
+        } else {
+            u32::from(u8::try_from(*dest_apic).ok()?)
+        },
         logical: flags & IPI_LOGICAL != 0,
         shorthand,
+        x2apic: flags & IPI_X2APIC != 0,
     };
     let from = (*source != IPI_FROM_DEVICE).then_some(*source as usize);
     Some((msg, from))
@@ -152,8 +160,11 @@ impl RemoteIrq for Fabric {
         let wire = ipi_to_wire(msg, from);
         match msg.shorthand {
             Shorthand::SelfOnly => {}
-            Shorthand::None if !msg.logical && msg.dest != 0xff => {
-                if let Some(&h) = self.cpu_host.get(usize::from(msg.dest)) {
+            Shorthand::None if !msg.logical && !msg.is_broadcast() => {
+                if let Some(&h) = usize::try_from(msg.dest)
+                    .ok()
+                    .and_then(|d| self.cpu_host.get(d))
+                {
                     if h != self.me {
                         self.send_to(h, wire);
                     }
@@ -165,6 +176,13 @@ impl RemoteIrq for Fabric {
 
     fn eoi(&self, vector: u8) {
         self.send_to(0, Message::Eoi { vector });
+    }
+
+    fn pulse(&self, pin: u32) {
+        match u8::try_from(pin) {
+            Ok(pin) => self.send_to(0, Message::IrqPulse { pin }),
+            Err(_) => log::warn!("IOAPIC pin {pin} out of range; interrupt dropped"),
+        }
     }
 }
 
@@ -221,6 +239,13 @@ impl Handler for IoService {
     fn on_message(&self, from: HostId, msg: Message, r: Option<Responder>) {
         match msg {
             Message::Eoi { vector } => self.chip.eoi(vector),
+            Message::IrqPulse { pin } => {
+                if usize::from(pin) < crate::irq::ioapic::NUM_PINS {
+                    self.chip.pulse(u32::from(pin));
+                } else {
+                    log::warn!("host {}: IrqPulse for pin {pin} ignored", from.0);
+                }
+            }
             Message::Mmio { .. } | Message::Pio { .. } => {
                 let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 if q.send((msg, r)).is_err() {
@@ -232,7 +257,7 @@ impl Handler for IoService {
     }
 }
 
-/// Serves forwarded I/O on host 0 until the VM stops.
+/// Serves the I/O forwarded to this host's devices until the VM stops.
 pub fn io_server(rx: mpsc::Receiver<IoWork>, devices: Arc<Devices>, stop: Arc<Stopper>) {
     while !stop.stopped() {
         let (msg, r) = match rx.recv_timeout(Duration::from_millis(200)) {
@@ -250,11 +275,11 @@ pub fn io_server(rx: mpsc::Receiver<IoWork>, devices: Arc<Devices>, stop: Arc<St
                 let n = usize::from(size.clamp(1, 4));
                 let bytes = data.to_le_bytes();
                 if write {
-                    devices.pio_write(port, &bytes[..n]);
+                    devices.local_pio_write(port, &bytes[..n]);
                     0
                 } else {
                     let mut b = [0u8; 4];
-                    devices.pio_read(port, &mut b[..n]);
+                    devices.local_pio_read(port, &mut b[..n]);
                     u64::from(u32::from_le_bytes(b))
                 }
             }
@@ -267,11 +292,11 @@ pub fn io_server(rx: mpsc::Receiver<IoWork>, devices: Arc<Devices>, stop: Arc<St
                 let n = usize::from(size.clamp(1, 8));
                 let bytes = data.to_le_bytes();
                 if write {
-                    devices.mmio_write(usize::MAX, addr, &bytes[..n]);
+                    devices.local_mmio_write(addr, &bytes[..n]);
                     0
                 } else {
                     let mut b = [0u8; 8];
-                    devices.mmio_read(usize::MAX, addr, &mut b[..n]);
+                    devices.local_mmio_read(addr, &mut b[..n]);
                     u64::from_le_bytes(b)
                 }
             }
@@ -354,19 +379,23 @@ mod tests {
 
     #[test]
     fn ipi_wire_round_trip() {
-        for (sh, logical, from) in [
-            (Shorthand::None, false, Some(1)),
-            (Shorthand::AllExcludingSelf, false, Some(0)),
-            (Shorthand::None, true, None),
-            (Shorthand::AllIncludingSelf, true, Some(7)),
+        for (sh, logical, from, x2apic, dest) in [
+            (Shorthand::None, false, Some(1), false, 3),
+            (Shorthand::AllExcludingSelf, false, Some(0), false, 3),
+            (Shorthand::None, true, None, false, 3),
+            (Shorthand::AllIncludingSelf, true, Some(7), false, 3),
+            (Shorthand::None, false, Some(1), true, 300),
+            (Shorthand::None, true, Some(1), true, 0x0002_0001),
+            (Shorthand::None, false, None, true, 0xffff_ffff),
         ] {
             let m = lapic::Message {
                 vector: 0xfb,
                 mode: DeliveryMode::Init,
                 level: true,
-                dest: 3,
+                dest,
                 logical,
                 shorthand: sh,
+                x2apic,
             };
             let w = ipi_to_wire(&m, from);
             let b = Message::decode(&w.to_bytes()).unwrap();

@@ -17,9 +17,10 @@
 //! addr = "127.0.0.1:7101"
 //! cpus = 1
 //!
-//! [[disk]]                      # served by host 0
-//! path = "/path/disk.img"
+//! [[disk]]
+//! path = "/path/disk.img"       # read on its home host
 //! read_only = false
+//! host = 1                      # home host (default 0): opens the image, emulates the device
 //! ```
 //!
 //! The cluster key is never in this file: each host daemon reads it from its `--key-file`.
@@ -72,11 +73,15 @@ pub struct HostEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskEntry {
-    /// Raw image path (on host 0).
+    /// Raw image path (on its home host).
     pub path: PathBuf,
     /// Read-only?
     #[serde(default)]
     pub read_only: bool,
+    /// Home host (index into `[[host]]`): where the image is opened and the device emulated;
+    /// the other hosts forward the device's MMIO there.
+    #[serde(default)]
+    pub host: usize,
 }
 
 /// The cluster TOML file (plain serde data).
@@ -175,6 +180,14 @@ impl ClusterFile {
         }
         let total: u32 = self.hosts.iter().map(|h| h.cpus).sum();
         u8::try_from(total).map_err(|_| config::Error::BadCpuCount(total))?;
+        if let Some(d) = self.disks.iter().find(|d| d.host >= self.hosts.len()) {
+            return Err(config::Error::DiskHost {
+                path: d.path.clone(),
+                host: d.host,
+                hosts: self.hosts.len(),
+            }
+            .into());
+        }
         Ok(())
     }
 
@@ -219,6 +232,7 @@ impl ClusterFile {
                 .map(|d| DiskConfig {
                     path: d.path.clone(),
                     read_only: d.read_only,
+                    host: d.host,
                 })
                 .collect(),
             stats_json: None,

@@ -2,9 +2,13 @@
 //!
 //! Port I/O: COM1 (16550, vm-superio), the i8042 reset line, the ACPI sleep registers.
 //! MMIO: the local APIC (per vCPU), the IOAPIC and virtio-mmio windows. Unclaimed reads return
-//! all-ones like an empty bus; unclaimed writes are dropped. Every device lives on host 0;
-//! on the other hosts of a cluster every access but the local APIC's is forwarded there
-//! ([`crate::cluster::fabric`]).
+//! all-ones like an empty bus; unclaimed writes are dropped.
+//!
+//! In a cluster every device has a home host: the serial port, the legacy ports and the IOAPIC
+//! live on host 0, each virtio disk on the host its configuration names. An access by a vCPU on
+//! another host is forwarded to the home ([`crate::cluster::fabric`]) and served there by the
+//! io-server thread through the `local_*` entry points, which never forward again. The local
+//! APIC is always the accessing vCPU's own.
 
 pub mod legacy;
 pub mod serial;
@@ -19,50 +23,83 @@ use crate::irq::IrqChip;
 use crate::layout::*;
 use crate::stop::{StopReason, Stopper};
 
+/// Where a cluster host sends the accesses to devices it is not home of.
+struct Routing {
+    fabric: Arc<Fabric>,
+    me: usize,
+    /// Home host of each virtio-mmio slot.
+    virtio_home: Vec<usize>,
+}
+
 /// All devices of the machine.
 pub struct Devices {
     serial: Mutex<serial::Console>,
     legacy: legacy::Legacy,
-    virtio: Vec<Mutex<virtio_mmio::MmioTransport>>,
+    /// One entry per virtio-mmio slot: the device where this host is its home, else None.
+    virtio: Vec<Option<Mutex<virtio_mmio::MmioTransport>>>,
     chip: Arc<IrqChip>,
     stop: Arc<Stopper>,
-    forward: Option<Arc<Fabric>>,
+    routing: Option<Routing>,
 }
 
 impl Devices {
-    /// Assembles the device set.
+    /// Assembles the device set; `virtio` has one entry per slot (None: the device lives on
+    /// another host).
     pub fn new(
         serial: serial::Console,
-        virtio: Vec<virtio_mmio::MmioTransport>,
+        virtio: Vec<Option<virtio_mmio::MmioTransport>>,
         chip: Arc<IrqChip>,
         stop: Arc<Stopper>,
     ) -> Self {
         Devices {
             serial: Mutex::new(serial),
             legacy: legacy::Legacy::new(stop.clone()),
-            virtio: virtio.into_iter().map(Mutex::new).collect(),
+            virtio: virtio.into_iter().map(|d| d.map(Mutex::new)).collect(),
             chip,
             stop,
-            forward: None,
+            routing: None,
         }
     }
 
-    /// Devices of a host that has none: every access but the local APIC's goes to host 0.
-    pub fn forwarding(mut self, fabric: Arc<Fabric>) -> Self {
-        self.forward = Some(fabric);
+    /// The devices of cluster host `me`: accesses to devices homed elsewhere (host 0's
+    /// platform devices, virtio slot `i` on `virtio_home[i]`) are forwarded through `fabric`.
+    pub fn clustered(mut self, fabric: Arc<Fabric>, me: usize, virtio_home: Vec<usize>) -> Self {
+        self.routing = Some(Routing {
+            fabric,
+            me,
+            virtio_home,
+        });
         self
     }
 
-    /// Forwards an access if the devices live elsewhere; returns the value read.
-    fn forwarded(&self, msg: Message) -> Option<u64> {
-        let f = self.forward.as_ref()?;
-        match f.forward(msg) {
-            Ok(v) => Some(v),
+    /// The host that emulates what lives at MMIO address `addr` (local APIC excluded).
+    fn mmio_home(&self, addr: u64) -> Option<usize> {
+        let r = self.routing.as_ref()?;
+        let home = match virtio_slot(addr) {
+            Some((slot, _)) => r.virtio_home.get(slot).copied().unwrap_or(0),
+            None => 0,
+        };
+        (home != r.me).then_some(home)
+    }
+
+    /// The host that emulates port I/O (host 0), if it is not this one.
+    fn pio_home(&self) -> Option<usize> {
+        self.routing.as_ref().filter(|r| r.me != 0).map(|_| 0)
+    }
+
+    /// Forwards an access to host `home`; returns the value read (all-ones after a failure,
+    /// which also stops the machine).
+    fn forward(&self, home: usize, msg: Message) -> u64 {
+        let Some(r) = self.routing.as_ref() else {
+            return u64::MAX;
+        };
+        match r.fabric.forward(home, msg) {
+            Ok(v) => v,
             Err(e) => {
                 if !self.stop.stopped() {
                     self.stop.request(StopReason::Error(e.to_string()));
                 }
-                Some(u64::MAX)
+                u64::MAX
             }
         }
     }
@@ -72,18 +109,24 @@ impl Devices {
         &self.serial
     }
 
-    /// `IN` from `port`.
+    /// `IN` from `port` by a vCPU of this host.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
-        let size = data.len() as u8;
-        if let Some(v) = self.forwarded(Message::Pio {
-            port,
-            size,
-            write: false,
-            data: 0,
-        }) {
-            put(data, v as u32);
-            return;
+        match self.pio_home() {
+            Some(home) => {
+                let msg = Message::Pio {
+                    port,
+                    size: data.len() as u8,
+                    write: false,
+                    data: 0,
+                };
+                put(data, self.forward(home, msg) as u32);
+            }
+            None => self.local_pio_read(port, data),
         }
+    }
+
+    /// `IN` from `port`, served by this host.
+    pub fn local_pio_read(&self, port: u16, data: &mut [u8]) {
         match port {
             0x3f8..=0x3ff => {
                 let v = lock(&self.serial).read((port - 0x3f8) as u8);
@@ -100,18 +143,24 @@ impl Devices {
         }
     }
 
-    /// `OUT` to `port`.
+    /// `OUT` to `port` by a vCPU of this host.
     pub fn pio_write(&self, port: u16, data: &[u8]) {
-        if self.forward.is_some() {
-            let msg = Message::Pio {
-                port,
-                size: data.len() as u8,
-                write: true,
-                data: get(data),
-            };
-            self.forwarded(msg);
-            return;
+        match self.pio_home() {
+            Some(home) => {
+                let msg = Message::Pio {
+                    port,
+                    size: data.len() as u8,
+                    write: true,
+                    data: get(data),
+                };
+                self.forward(home, msg);
+            }
+            None => self.local_pio_write(port, data),
         }
+    }
+
+    /// `OUT` to `port`, served by this host.
+    pub fn local_pio_write(&self, port: u16, data: &[u8]) {
         match port {
             0x3f8..=0x3ff => {
                 if let Some(&v) = data.first() {
@@ -122,22 +171,38 @@ impl Devices {
         }
     }
 
-    /// MMIO read by vCPU `cpu`.
+    /// MMIO read by vCPU `cpu` of this host.
     pub fn mmio_read(&self, cpu: usize, addr: u64, data: &mut [u8]) {
         if let Some(off) = window(addr, LAPIC_ADDR, APIC_WINDOW) {
             let v = match self.chip.lapics.get(cpu) {
-                Some(l) => l.lock().read(off & !0xf, Instant::now()),
+                // In x2APIC mode the MMIO window is gone (registers are MSRs).
+                Some(l) => {
+                    let st = l.lock();
+                    if st.x2apic() {
+                        0
+                    } else {
+                        st.read(off & !0xf, Instant::now())
+                    }
+                }
                 None => 0,
             };
             put(data, v);
-        } else if let Some(v) = self.forwarded(Message::Mmio {
-            addr,
-            size: data.len() as u8,
-            write: false,
-            data: 0,
-        }) {
-            put64(data, v);
-        } else if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
+        } else if let Some(home) = self.mmio_home(addr) {
+            let msg = Message::Mmio {
+                addr,
+                size: data.len() as u8,
+                write: false,
+                data: 0,
+            };
+            put64(data, self.forward(home, msg));
+        } else {
+            self.local_mmio_read(addr, data);
+        }
+    }
+
+    /// MMIO read of a device this host is home of.
+    pub fn local_mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
             put(data, self.chip.ioapic_read(off));
         } else if let Some((dev, off)) = self.virtio_window(addr) {
             lock(dev).read(off, data);
@@ -147,11 +212,18 @@ impl Devices {
         }
     }
 
-    /// MMIO write by vCPU `cpu`.
+    /// MMIO write by vCPU `cpu` of this host.
     pub fn mmio_write(&self, cpu: usize, addr: u64, data: &[u8]) {
         if let Some(off) = window(addr, LAPIC_ADDR, APIC_WINDOW) {
             let effect = match self.chip.lapics.get(cpu) {
-                Some(l) => l.lock().write(off & !0xf, get(data), Instant::now()),
+                Some(l) => {
+                    let mut st = l.lock();
+                    if st.x2apic() {
+                        None
+                    } else {
+                        st.write(off & !0xf, get(data), Instant::now())
+                    }
+                }
                 None => None,
             };
             if let Some(e) = effect {
@@ -164,15 +236,22 @@ impl Devices {
                     l.changed.notify_all();
                 }
             }
-        } else if self.forward.is_some() {
+        } else if let Some(home) = self.mmio_home(addr) {
             let msg = Message::Mmio {
                 addr,
                 size: data.len() as u8,
                 write: true,
                 data: get64(data),
             };
-            self.forwarded(msg);
-        } else if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
+            self.forward(home, msg);
+        } else {
+            self.local_mmio_write(addr, data);
+        }
+    }
+
+    /// MMIO write to a device this host is home of.
+    pub fn local_mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some(off) = window(addr, IOAPIC_ADDR, APIC_WINDOW) {
             self.chip.ioapic_write(off, get(data));
         } else if let Some((dev, off)) = self.virtio_window(addr) {
             lock(dev).write(off, data);
@@ -182,10 +261,17 @@ impl Devices {
     }
 
     fn virtio_window(&self, addr: u64) -> Option<(&Mutex<virtio_mmio::MmioTransport>, u64)> {
-        let off = addr.checked_sub(VIRTIO_MMIO_BASE)?;
-        let dev = self.virtio.get((off / VIRTIO_MMIO_SIZE) as usize)?;
-        Some((dev, off % VIRTIO_MMIO_SIZE))
+        let (slot, off) = virtio_slot(addr)?;
+        let dev = self.virtio.get(slot)?.as_ref()?;
+        Some((dev, off))
     }
+}
+
+/// The virtio-mmio slot and offset of `addr`, if it is inside a slot's window.
+fn virtio_slot(addr: u64) -> Option<(usize, u64)> {
+    let off = addr.checked_sub(VIRTIO_MMIO_BASE)?;
+    let slot = usize::try_from(off / VIRTIO_MMIO_SIZE).ok()?;
+    (slot < VIRTIO_IRQS.len()).then_some((slot, off % VIRTIO_MMIO_SIZE))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

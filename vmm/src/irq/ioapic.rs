@@ -44,9 +44,10 @@ impl Ioapic {
             vector: e as u8,
             mode: DeliveryMode::from_bits((e >> 8) as u32),
             level: e & LEVEL != 0,
-            dest: (e >> 56) as u8,
+            dest: u32::from((e >> 56) as u8),
             logical: e & (1 << 11) != 0,
             shorthand: Shorthand::None,
+            x2apic: false,
         })
     }
 

@@ -16,6 +16,8 @@ pub trait RemoteIrq: Send + Sync {
     fn send(&self, msg: &Message, from: Option<usize>);
     /// A level-triggered EOI for the IOAPIC, which lives on another host.
     fn eoi(&self, vector: u8);
+    /// An edge on IOAPIC input `pin` from a device of this host; the IOAPIC lives on another.
+    fn pulse(&self, pin: u32);
 }
 
 /// The machine's interrupt fabric.
@@ -102,7 +104,7 @@ impl IrqChip {
             Shorthand::None => {
                 let mut t: Vec<&Arc<LocalApic>> = local
                     .map(|(_, l)| l)
-                    .filter(|l| l.lock().matches(msg.dest, msg.logical))
+                    .filter(|l| l.lock().matches(msg))
                     .collect();
                 if msg.mode == lapic::DeliveryMode::LowestPriority {
                     t.truncate(1);
@@ -138,8 +140,12 @@ impl IrqChip {
         }
     }
 
-    /// An edge on IOAPIC input `pin`.
+    /// An edge on IOAPIC input `pin` (sent to the IOAPIC's host if that is another one).
     pub fn pulse(&self, pin: u32) {
+        if let (Some(r), false) = (self.remote.get(), self.is_local(0)) {
+            r.pulse(pin);
+            return;
+        }
         let m = self.ioapic().pulse(pin as usize);
         log::trace!("IOAPIC pin {pin} pulse -> {m:?}");
         if let Some(m) = m {
@@ -207,6 +213,7 @@ mod tests {
             dest: 0,
             logical: false,
             shorthand: Shorthand::AllExcludingSelf,
+            x2apic: false,
         };
         chip.deliver(&m, Some(1));
         let got: Vec<_> = chip.lapics.iter().map(|l| l.lock().deliverable()).collect();

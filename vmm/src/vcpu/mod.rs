@@ -17,7 +17,7 @@ use vmm_sys_util::ioctl_iow_nr;
 
 use crate::boot::cpu::{self, msr};
 use crate::devices::Devices;
-use crate::irq::lapic::{Kicker, LocalApic, RunState};
+use crate::irq::lapic::{Kicker, LocalApic, RunState, X2APIC_MSR_BASE, X2APIC_MSR_LAST};
 use crate::irq::IrqChip;
 use crate::layout::{APIC_WINDOW, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::stats::{Exit, Stats};
@@ -147,20 +147,21 @@ impl Vcpu {
                 Ok(VcpuExit::IrqWindowOpen) => self.stats.count(Exit::IrqWindow),
                 Ok(VcpuExit::X86Rdmsr(m)) => {
                     self.stats.count(Exit::Msr);
-                    if m.index == msr::IA32_TSC_DEADLINE {
-                        *m.data = self.lapic.lock().tsc_deadline();
-                    } else {
-                        log::debug!("vCPU {idx}: RDMSR {:#x} -> #GP", m.index);
-                        *m.error = 1;
+                    match read_apic_msr(&self.lapic, m.index) {
+                        Some(v) => *m.data = v,
+                        None => {
+                            log::debug!("vCPU {idx}: RDMSR {:#x} -> #GP", m.index);
+                            *m.error = 1;
+                        }
                     }
                 }
                 Ok(VcpuExit::X86Wrmsr(m)) => {
                     self.stats.count(Exit::Msr);
-                    if m.index == msr::IA32_TSC_DEADLINE {
-                        let value = m.data;
+                    let (index, value) = (m.index, m.data);
+                    if index == msr::IA32_TSC_DEADLINE {
                         self.write_tsc_deadline(value)?;
-                    } else {
-                        log::debug!("vCPU {idx}: WRMSR {:#x}={:#x} -> #GP", m.index, m.data);
+                    } else if !write_apic_msr(&self.lapic, &self.chip, idx, index, value) {
+                        log::debug!("vCPU {idx}: WRMSR {index:#x}={value:#x} -> #GP");
                         *m.error = 1;
                     }
                 }
@@ -295,6 +296,42 @@ impl Vcpu {
             .set_tsc_deadline(value, tsc, self.tsc_khz, Instant::now());
         self.lapic.changed.notify_all();
         Ok(())
+    }
+}
+
+/// An `RDMSR` the MSR filter sent to the VMM (local APIC MSRs); None means #GP.
+fn read_apic_msr(lapic: &LocalApic, index: u32) -> Option<u64> {
+    let st = lapic.lock();
+    match index {
+        msr::IA32_TSC_DEADLINE => Some(st.tsc_deadline()),
+        msr::IA32_APICBASE => Some(st.apic_base()),
+        X2APIC_MSR_BASE..=X2APIC_MSR_LAST => st.msr_read(index, Instant::now()).ok(),
+        _ => None,
+    }
+}
+
+/// A `WRMSR` of `IA32_APIC_BASE` or an x2APIC register by vCPU `cpu`; false means #GP.
+fn write_apic_msr(lapic: &LocalApic, chip: &IrqChip, cpu: usize, index: u32, value: u64) -> bool {
+    match index {
+        msr::IA32_APICBASE => {
+            let ok = lapic.lock().set_apic_base(value).is_ok();
+            log::debug!("vCPU {cpu}: IA32_APIC_BASE = {value:#x} (accepted: {ok})");
+            ok
+        }
+        X2APIC_MSR_BASE..=X2APIC_MSR_LAST => {
+            let r = lapic.lock().msr_write(index, value, Instant::now());
+            let Ok(effect) = r else { return false };
+            if let Some(e) = effect {
+                chip.apply(e, cpu);
+            }
+            // Timer registers may have moved the deadline (LVT timer, initial count, divide):
+            // let the timer thread re-evaluate.
+            if matches!(index, 0x832 | 0x838 | 0x83e) {
+                lapic.changed.notify_all();
+            }
+            true
+        }
+        _ => false,
     }
 }
 

@@ -1,4 +1,6 @@
-//! A local APIC emulated in the VMM (xAPIC MMIO interface plus the TSC-deadline MSR).
+//! A local APIC emulated in the VMM: the xAPIC MMIO interface, the x2APIC MSR interface
+//! (`0x800..=0x8ff`, entered through `IA32_APIC_BASE`; in [`x2apic`]), and the TSC-deadline
+//! MSR.
 //!
 //! KVM's in-kernel irqchip is deliberately not used: an IPI or a device interrupt for a vCPU on
 //! another host must pass through the VMM, so every APIC lives here. A [`LocalApic`] is shared by
@@ -6,8 +8,14 @@
 //! (other vCPUs, the IOAPIC) and by its timer thread. Senders set IRR and then *kick* the vCPU
 //! (see [`Kicker`]) so that a running `KVM_RUN` returns and the vCPU loop injects.
 
+mod x2apic;
+
+pub use x2apic::{X2APIC_BROADCAST, X2APIC_MSR_BASE, X2APIC_MSR_LAST};
+
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use x2apic::{APIC_BASE_ADDR, BASE_BSP, BASE_EN, BASE_EXTD};
 
 /// Register offsets inside the 4 KiB APIC window.
 mod reg {
@@ -103,13 +111,30 @@ pub struct Message {
     pub mode: DeliveryMode,
     /// Level-triggered (sets TMR; EOI is then broadcast to the IOAPIC).
     pub level: bool,
-    /// Destination APIC ID or logical destination.
-    pub dest: u8,
+    /// Destination APIC ID or logical destination (8 bits in xAPIC format, 32 in x2APIC).
+    pub dest: u32,
     /// Logical destination mode.
     pub logical: bool,
     /// Shorthand (IPIs only).
     pub shorthand: Shorthand,
+    /// The destination is in x2APIC format (sent by an APIC in x2APIC mode): 32-bit IDs,
+    /// `0xffff_ffff` is the broadcast, logical = cluster (bits 31-16) + 16-bit member mask.
+    pub x2apic: bool,
 }
+
+impl Message {
+    /// Physical broadcast (`0xff` in xAPIC format, `0xffff_ffff` in x2APIC format).
+    pub fn is_broadcast(&self) -> bool {
+        !self.logical
+            && ((self.x2apic && self.dest == X2APIC_BROADCAST)
+                || (!self.x2apic && self.dest == 0xff))
+    }
+}
+
+/// An APIC register access the architecture answers with #GP (the vCPU loop injects it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("general protection fault")]
+pub struct GeneralProtection;
 
 /// What a register write asks of the rest of the machine, done after the APIC lock is dropped.
 #[derive(Debug, PartialEq, Eq)]
@@ -181,6 +206,7 @@ impl Kicker {
 #[derive(Debug)]
 pub struct State {
     id: u8,
+    apic_base: u64,
     irr: [u32; 8],
     isr: [u32; 8],
     tmr: [u32; 8],
@@ -189,6 +215,7 @@ pub struct State {
     dfr: u32,
     svr: u32,
     esr: u32,
+    icr_lo: u32,
     icr_hi: u32,
     lvt: [u32; 6],
     timer_init: u32,
@@ -221,6 +248,7 @@ impl State {
     fn new(id: u8, bsp: bool) -> Self {
         State {
             id,
+            apic_base: APIC_BASE_ADDR | BASE_EN | if bsp { BASE_BSP } else { 0 },
             irr: [0; 8],
             isr: [0; 8],
             tmr: [0; 8],
@@ -229,6 +257,7 @@ impl State {
             dfr: 0xffff_ffff,
             svr: 0xff,
             esr: 0,
+            icr_lo: 0,
             icr_hi: 0,
             lvt: [LVT_MASKED; 6],
             timer_init: 0,
@@ -268,17 +297,65 @@ impl State {
         self.isr[i] |= m;
     }
 
-    /// Whether this APIC matches a destination.
-    pub fn matches(&self, dest: u8, logical: bool) -> bool {
-        if !logical {
-            return dest == 0xff || dest == self.id;
+    /// Whether this APIC is in x2APIC mode.
+    pub fn x2apic(&self) -> bool {
+        self.apic_base & BASE_EXTD != 0
+    }
+
+    /// Whether this APIC matches the destination of `msg` (shorthands aside).
+    pub fn matches(&self, msg: &Message) -> bool {
+        if msg.is_broadcast() {
+            return true;
         }
+        let dest = msg.dest;
+        if self.x2apic() {
+            // An xAPIC-format message (IOAPIC) reaches x2APIC-mode APICs with its 8-bit
+            // destination read as an x2APIC one (cluster 0), as KVM does.
+            if !msg.logical {
+                return dest == u32::from(self.id);
+            }
+            return (self.ldr >> 16) == (dest >> 16) && (self.ldr & dest & 0xffff) != 0;
+        }
+        if !msg.logical {
+            return dest == u32::from(self.id);
+        }
+        let dest = dest as u8;
         let ldr = (self.ldr >> 24) as u8;
         if self.dfr >> 28 == 0xf {
             ldr & dest != 0
         } else {
             (ldr >> 4) == (dest >> 4) && (ldr & dest & 0xf) != 0
         }
+    }
+
+    /// The IPI an ICR write (low half `lo`, destination already in `icr_hi`) sends.
+    fn icr_message(&mut self, lo: u32) -> Option<Effect> {
+        self.icr_lo = lo & !(1 << 12);
+        let shorthand = match (lo >> 18) & 3 {
+            0 => Shorthand::None,
+            1 => Shorthand::SelfOnly,
+            2 => Shorthand::AllIncludingSelf,
+            _ => Shorthand::AllExcludingSelf,
+        };
+        let mode = DeliveryMode::from_bits(lo >> 8);
+        // INIT level de-assert only synchronises arbitration IDs: nothing to deliver.
+        if mode == DeliveryMode::Init && lo & (1 << 14) == 0 && lo & (1 << 15) != 0 {
+            return None;
+        }
+        let x2apic = self.x2apic();
+        Some(Effect::Ipi(Message {
+            vector: lo as u8,
+            mode,
+            level: false,
+            dest: if x2apic {
+                self.icr_hi
+            } else {
+                self.icr_hi >> 24
+            },
+            logical: lo & (1 << 11) != 0,
+            shorthand,
+            x2apic,
+        }))
     }
 
     fn software_enabled(&self) -> bool {
@@ -408,7 +485,7 @@ impl State {
             o if (reg::TMR..reg::TMR + 0x80).contains(&o) => arr(&self.tmr),
             o if (reg::IRR..reg::IRR + 0x80).contains(&o) => arr(&self.irr),
             reg::ESR => self.esr,
-            reg::ICR_LO => 0, // delivery status: idle
+            reg::ICR_LO => self.icr_lo, // delivery status: always idle
             reg::ICR_HI => self.icr_hi,
             o if (reg::LVT_TIMER..=reg::LVT_ERROR).contains(&o) && o % 16 == 0 => {
                 self.lvt[((o - reg::LVT_TIMER) >> 4) as usize]
@@ -451,27 +528,7 @@ impl State {
             }
             reg::ESR => self.esr = 0,
             reg::ICR_HI => self.icr_hi = value & 0xff00_0000,
-            reg::ICR_LO => {
-                let shorthand = match (value >> 18) & 3 {
-                    0 => Shorthand::None,
-                    1 => Shorthand::SelfOnly,
-                    2 => Shorthand::AllIncludingSelf,
-                    _ => Shorthand::AllExcludingSelf,
-                };
-                let mode = DeliveryMode::from_bits(value >> 8);
-                // INIT level de-assert only synchronises arbitration IDs: nothing to deliver.
-                if mode == DeliveryMode::Init && value & (1 << 14) == 0 && value & (1 << 15) != 0 {
-                    return None;
-                }
-                return Some(Effect::Ipi(Message {
-                    vector: value as u8,
-                    mode,
-                    level: false,
-                    dest: (self.icr_hi >> 24) as u8,
-                    logical: value & (1 << 11) != 0,
-                    shorthand,
-                }));
-            }
+            reg::ICR_LO => return self.icr_message(value),
             o if (reg::LVT_TIMER..=reg::LVT_ERROR).contains(&o) && o % 16 == 0 => {
                 let i = ((o - reg::LVT_TIMER) >> 4) as usize;
                 let old_mode = self.timer_mode();
@@ -574,7 +631,7 @@ impl LocalApic {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn enabled() -> State {
@@ -583,7 +640,7 @@ mod tests {
         s
     }
 
-    fn fixed(vector: u8) -> Message {
+    pub(super) fn fixed(vector: u8) -> Message {
         Message {
             vector,
             mode: DeliveryMode::Fixed,
@@ -591,6 +648,16 @@ mod tests {
             dest: 0,
             logical: false,
             shorthand: Shorthand::None,
+            x2apic: false,
+        }
+    }
+
+    pub(super) fn dest(dest: u32, logical: bool, x2apic: bool) -> Message {
+        Message {
+            dest,
+            logical,
+            x2apic,
+            ..fixed(0x40)
         }
     }
 
@@ -659,15 +726,16 @@ mod tests {
         let mut s = enabled();
         let now = Instant::now();
         s.write(reg::LDR, 0x0400_0000, now);
-        assert!(s.matches(0x04, true));
-        assert!(s.matches(0x0c, true));
-        assert!(!s.matches(0x02, true));
+        assert!(s.matches(&dest(0x04, true, false)));
+        assert!(s.matches(&dest(0x0c, true, false)));
+        assert!(!s.matches(&dest(0x02, true, false)));
         s.write(reg::DFR, 0x0fff_ffff, now); // cluster model
         s.write(reg::LDR, 0x2100_0000, now);
-        assert!(s.matches(0x23, true));
-        assert!(!s.matches(0x13, true));
-        assert!(s.matches(0, false));
-        assert!(s.matches(0xff, false));
+        assert!(s.matches(&dest(0x23, true, false)));
+        assert!(!s.matches(&dest(0x13, true, false)));
+        assert!(s.matches(&dest(0, false, false)));
+        assert!(s.matches(&dest(0xff, false, false)));
+        assert!(!s.matches(&dest(0x100, false, true)));
     }
 
     #[test]
