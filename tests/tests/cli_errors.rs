@@ -130,4 +130,13 @@ fn unreadable_disk() {
         &["run", "--kernel", k, "--disk", "/tmp"],
         "cannot open disk",
     );
+    // Home-host options: malformed, or a host a single-host machine does not have.
+    expect_error(
+        &["run", "--kernel", k, "--disk", "/tmp/x.img,host=two"],
+        "invalid disk option \"host=two\"",
+    );
+    expect_error(
+        &["run", "--kernel", k, "--disk", "/tmp/x.img,host=1"],
+        "is on host 1, but the machine has 1 host(s)",
+    );
 }

@@ -114,6 +114,11 @@ fn bad_cluster_files_and_arguments() {
             "bad address",
         ),
         ("this is not toml", "cluster file"),
+        (
+            "name = \"x\"\nmemory = \"1G\"\nkernel = \"/k\"\n[[host]]\naddr = \"127.0.0.1:1\"\ncpus = 1\n\
+             [[disk]]\npath = \"/d.img\"\nhost = 1\n",
+            "is on host 1, but the machine has 1 host(s)",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let f = tmp(&format!("bad{i}.toml"), text);
@@ -141,6 +146,20 @@ fn bad_cluster_files_and_arguments() {
     let (code, err, _) = run(&["up", "--local", "2", "--kernel", "/nonexistent/vmlinux"]);
     assert_ne!(code, 0);
     assert!(err.contains("cannot open kernel"), "{err}");
+    let (code, err, _) = run(&[
+        "up",
+        "--local",
+        "2",
+        "--kernel",
+        "/nonexistent/vmlinux",
+        "--disk",
+        "/tmp/x.img,host=2",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is on host 2, but the machine has 2 host(s)"),
+        "{err}"
+    );
     let (code, err, _) = run(&["up"]);
     assert_ne!(code, 0);
     assert!(err.contains("--config") && err.contains("--local"), "{err}");
