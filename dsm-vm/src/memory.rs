@@ -408,12 +408,20 @@ impl Drop for DsmMemory {
 /// by `SSI_VMM_DSM_HOLD_US`.
 pub const DEFAULT_HOLD: Duration = Duration::from_micros(500);
 
+/// Longest hold `SSI_VMM_DSM_HOLD_US` may ask for (longer would stall every write transfer).
+pub const MAX_HOLD: Duration = Duration::from_millis(100);
+
 fn hold_from_env() -> Duration {
-    std::env::var("SSI_VMM_DSM_HOLD_US")
+    let hold = std::env::var("SSI_VMM_DSM_HOLD_US")
         .ok()
         .and_then(|v| v.parse().ok())
         .map(Duration::from_micros)
-        .unwrap_or(DEFAULT_HOLD)
+        .unwrap_or(DEFAULT_HOLD);
+    if hold > MAX_HOLD {
+        log::warn!("SSI_VMM_DSM_HOLD_US above {MAX_HOLD:?}; using {MAX_HOLD:?}");
+        return MAX_HOLD;
+    }
+    hold
 }
 
 fn fault_loop(inner: &Inner, stop: i32) {

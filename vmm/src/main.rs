@@ -102,8 +102,11 @@ fn up_main(a: UpArgs) -> Result<i32, String> {
             launch::up(&file, &key, Some(dir)).map_err(|e| e.to_string())?
         }
         (None, Some(n)) => {
-            if n == 0 {
-                return Err("--local needs at least 1 host".into());
+            if n == 0 || n > spec::MAX_HOSTS {
+                return Err(format!(
+                    "--local needs between 1 and {} hosts",
+                    spec::MAX_HOSTS
+                ));
             }
             let kernel = a.kernel.ok_or("--local needs --kernel")?;
             let file = spec::ClusterFile {
@@ -224,7 +227,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Up(a) => match up_main(a) {
-            Ok(code) => ExitCode::from(code as u8),
+            // A host's exit code comes from its report; anything outside 0..=255 is a failure.
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
             Err(e) => {
                 eprintln!("ssi-vmm: error: {e}");
                 ExitCode::from(1)

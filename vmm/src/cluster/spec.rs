@@ -178,6 +178,9 @@ impl ClusterFile {
         if let Some((i, _)) = self.hosts.iter().enumerate().find(|(_, h)| h.cpus == 0) {
             return Err(Error::Hosts(format!("host {i} has no vCPUs")));
         }
+        if let Some(h) = self.hosts.iter().find(|h| h.cpus > u32::from(u8::MAX)) {
+            return Err(config::Error::BadCpuCount(h.cpus).into());
+        }
         let total: u32 = self.hosts.iter().map(|h| h.cpus).sum();
         u8::try_from(total).map_err(|_| config::Error::BadCpuCount(total))?;
         if let Some(d) = self.disks.iter().find(|d| d.host >= self.hosts.len()) {

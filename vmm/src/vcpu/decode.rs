@@ -165,7 +165,7 @@ pub fn modrm(
         _ => {}
     }
     if rip_relative {
-        let next = regs.rip + (start + len + insn_end_extra) as u64;
+        let next = regs.rip.wrapping_add((start + len + insn_end_extra) as u64);
         addr = addr.wrapping_add(next);
     }
     Some((regf, Operand::Mem(addr.wrapping_add(seg_base)), len))

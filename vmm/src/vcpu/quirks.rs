@@ -302,7 +302,7 @@ fn complete_broken_syscall(
         padding: 0,
     };
     sregs.cs = seg(kcs, 0xb, 1, 0);
-    sregs.ss = seg(kcs + 8, 0x3, 0, 1);
+    sregs.ss = seg(kcs.wrapping_add(8), 0x3, 0, 1);
     // SYSCALL clears the RFLAGS bits in SFMASK (IF, TF, DF, AC for Linux) and RF. Whether or not
     // the broken SYSCALL did, the completed one must: with IF still set, an interrupt injected
     // at the entry point (before the stack switch) would be pushed onto the user stack.
@@ -345,7 +345,7 @@ pub fn handle_emulation_failure(
     let op = &bytes[p.len.min(bytes.len())..];
     let (fix, len) = match op {
         [0xcc, ..] => {
-            regs.rip += 1;
+            regs.rip = regs.rip.wrapping_add(1);
             vcpu.set_regs(&regs)
                 .map_err(|e| Error::Kvm("SET_REGS", e))?;
             let mut ev = vcpu
@@ -476,7 +476,7 @@ pub fn handle_emulation_failure(
         }
         _ => return Err(unknown()),
     };
-    regs.rip += len as u64;
+    regs.rip = regs.rip.wrapping_add(len as u64);
     vcpu.set_regs(&regs)
         .map_err(|e| Error::Kvm("SET_REGS", e))?;
     stats.record(fix, rip, &bytes[..len.min(bytes.len())]);

@@ -429,7 +429,9 @@ impl State {
             self.period = None;
             return;
         }
-        let ns = u64::from(self.timer_init) * self.divisor() * 1_000_000_000 / BUS_HZ;
+        // u128: a guest-chosen count x divisor must not overflow (at most ~2^39 ns anyway).
+        let ns = (u128::from(self.timer_init) * u128::from(self.divisor()) * 1_000_000_000
+            / u128::from(BUS_HZ)) as u64;
         let d = Duration::from_nanos(ns.max(1000));
         self.deadline = Some(now + d);
         self.period = (self.timer_mode() == 1).then_some(d);
@@ -493,8 +495,9 @@ impl State {
             reg::TIMER_INIT => self.timer_init,
             reg::TIMER_CUR => match (self.deadline, self.timer_mode()) {
                 (Some(d), 0 | 1) => {
-                    let left = d.saturating_duration_since(now).as_nanos() as u64;
-                    (left * BUS_HZ / 1_000_000_000 / self.divisor()).min(u64::from(u32::MAX)) as u32
+                    let left = d.saturating_duration_since(now).as_nanos();
+                    (left * u128::from(BUS_HZ) / 1_000_000_000 / u128::from(self.divisor()))
+                        .min(u128::from(u32::MAX)) as u32
                 }
                 _ => 0,
             },
@@ -736,6 +739,18 @@ pub(super) mod tests {
         assert!(s.matches(&dest(0, false, false)));
         assert!(s.matches(&dest(0xff, false, false)));
         assert!(!s.matches(&dest(0x100, false, true)));
+    }
+
+    #[test]
+    fn huge_timer_count_does_not_overflow() {
+        let mut s = enabled();
+        let now = Instant::now();
+        s.write(reg::TIMER_DIV, 0xa, now); // divide by 128
+        s.write(reg::LVT_TIMER, 0xec | (1 << 17), now);
+        s.write(reg::TIMER_INIT, u32::MAX, now);
+        let d = s.deadline().unwrap() - now;
+        assert_eq!(d, Duration::from_nanos(u64::from(u32::MAX) * 128));
+        assert_eq!(s.read(reg::TIMER_CUR, now), u32::MAX);
     }
 
     #[test]
