@@ -133,9 +133,12 @@ pub struct VmConfig {
 /// the VMM emulates XSAVE/XRSTOR), but only the standard form: `clearcpuid=xsaveopt,xsavec,xsaves`.
 /// `nofsgsbase nopcid`: the host forces FSGSBASE on in CPUID leaf 7; both are kept off (PCID is
 /// also hidden in CPUID) to keep the guest on the paths measured here.
+/// `random.trust_cpu=on`: the guest has no other entropy source (no virtio-rng, the lean kernel
+/// does not trust RDRAND by default), so its CRNG was never ready during a 25-minute Debian
+/// boot and getrandom() callers (systemd-random-seed and others) waited for minutes.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 tsc=reliable no_timer_check \
 nokaslr nofsgsbase nopcid clearcpuid=ssse3,popcnt,xsaveopt,xsavec,xsaves \
-cryptomgr.notests rodata=off";
+cryptomgr.notests rodata=off random.trust_cpu=on";
 
 /// Parses `512M`, `1G`, `1048576`, `2g` and the like into bytes.
 pub fn parse_size(s: &str) -> Result<u64, Error> {
