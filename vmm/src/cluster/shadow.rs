@@ -11,8 +11,9 @@
 //!
 //! Userspace cannot drop the shadow pages of one guest frame, but deleting and re-adding the
 //! memory slots makes KVM discard all of them. So: when this host drops its copy of a page that
-//! looks like a page table (present entries with the accessed bit, plausible frame numbers, no
-//! reserved bits), every local vCPU is kicked out of `KVM_RUN` and the first to re-enter
+//! looks like a page table (present entries with plausible frame numbers inside guest memory,
+//! no reserved bits; the accessed bit is *not* required: fork makes the child's PTEs "old" and
+//! KVM sets it only on the entries it walked), every local vCPU is kicked out of `KVM_RUN` and the first to re-enter
 //! reloads the memory slots while no vCPU of this host is inside `KVM_RUN`. Data pages do not
 //! cause this (their shadow entries are zapped by KVM's MMU notifier on `MADV_DONTNEED`). With
 //! EPT/NPT the guest's page tables are walked by hardware and none of this is needed.
@@ -48,11 +49,10 @@ pub fn looks_like_page_table(page: &[u8; 4096], max_pfn: u64) -> bool {
         if v & 1 == 0 {
             continue;
         }
-        let accessed = v & (1 << 5) != 0;
         let reserved = (v >> 52) & 0x3f != 0;
         let pfn = (v >> 12) & ((1 << 40) - 1);
         let large = v & (1 << 7) != 0;
-        if !accessed || reserved || pfn >= max_pfn || (pfn == 0 && !large) {
+        if reserved || pfn >= max_pfn || (pfn == 0 && !large) {
             return false;
         }
         present += 1;
@@ -166,6 +166,12 @@ mod tests {
         ));
         // Large page mapping frame 0.
         assert!(looks_like_page_table(&page(&[0xe3]), max));
+        // A fork child's COW PTEs: present, user, read-only, NX, accessed bit clear ("old"),
+        // next to one KVM has walked (accessed): still a page table.
+        assert!(looks_like_page_table(
+            &page(&[0x8000_0000_1234_5005, 0x8000_0000_1234_6025]),
+            max
+        ));
         // Zeros, kernel pointers, small counters, text: data.
         assert!(!looks_like_page_table(&page(&[]), max));
         assert!(!looks_like_page_table(&page(&[0xffff_8880_0123_4567]), max));
