@@ -123,6 +123,33 @@ impl Run {
     }
 }
 
+/// Makes a 64 MiB ext4 image at `path` holding `/ssi-vmm-probe` with the line `probe`.
+pub fn make_ext4_image(path: &Path, probe: &str) {
+    let dir = path.with_extension("d");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("ssi-vmm-probe"), format!("{probe}\n")).expect("probe");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&dir)
+        .arg(path)
+        .arg("64M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) must be installed");
+    assert!(st.success(), "mkfs.ext4 failed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The contents of `/file` in the ext4 image `image` (debugfs; empty if absent).
+pub fn debugfs_cat(image: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat /{file}")])
+        .arg(image)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Starts `ssi-vmm` with `args`, records when each of `markers` shows up on the console, and
 /// kills it at `deadline`.
 pub fn run_vmm(args: &[&str], markers: &[&str], deadline: Duration) -> Run {

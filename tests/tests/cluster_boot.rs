@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ssi_tests::{initramfs, lean_kernel, run_vmm, vmm_bin};
+use ssi_tests::{debugfs_cat, initramfs, lean_kernel, make_ext4_image, run_vmm, vmm_bin};
 
 const DEADLINE: Duration = Duration::from_secs(2400);
 
@@ -197,7 +197,7 @@ fn three_hosts_boot_and_pass_the_smp_checker_with_a_disk_on_host_2() {
     let image = std::env::temp_dir().join(format!("ssi-cluster-disk-{}.img", std::process::id()));
     let probe = format!("probe-{}", std::process::id());
     let token = format!("token-{}", std::process::id());
-    make_image(&image, &probe);
+    make_ext4_image(&image, &probe);
     let disk = format!("{},host=2", image.display());
     let (console, _) = boot_with(
         "three",
@@ -224,31 +224,6 @@ fn value(console: &str, key: &str) -> Option<String> {
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .map(|v| v.trim().to_string())
-}
-
-fn make_image(path: &Path, probe: &str) {
-    let dir = path.with_extension("d");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("ssi-vmm-probe"), format!("{probe}\n")).expect("probe");
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&dir)
-        .arg(path)
-        .arg("64M")
-        .status()
-        .expect("mkfs.ext4 (e2fsprogs) must be installed");
-    assert!(st.success(), "mkfs.ext4 failed");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn debugfs_cat(image: &Path, file: &str) -> String {
-    let out = Command::new("debugfs")
-        .args(["-R", &format!("cat /{file}")])
-        .arg(image)
-        .output()
-        .expect("debugfs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
