@@ -355,3 +355,48 @@ fn untouched_pages_cost_no_page_transfer() {
         assert!(sim.access(0, pfn, false));
     }
 }
+
+#[test]
+fn a_second_queued_request_from_one_host_is_refused_and_the_first_still_served() {
+    let mut sim = Sim::new(3, 1, 1);
+    let fault = |sim: &mut Sim, h: usize| {
+        let (p, w, wp) = sim.faults[h].pop().unwrap();
+        sim.engines[h].on_fault(p, w, wp);
+    };
+    let take = |sim: &Sim, to: u16| {
+        let mut wire = sim.wire.borrow_mut();
+        let i = wire.iter().position(|(_, t, _)| t.0 == to).unwrap();
+        wire.remove(i)
+    };
+    // Host 1 writes the page (homed on host 0): granted, its acknowledgement kept back, so the
+    // home stays busy on the page.
+    assert!(!sim.access(1, 0, true));
+    fault(&mut sim, 1);
+    let (from, _, req) = take(&sim, 0);
+    sim.engines[0].on_message(from, req);
+    let (from, _, grant) = take(&sim, 1);
+    sim.engines[1].on_message(from, grant);
+    assert!(sim.access(1, 0, true));
+    let ack = take(&sim, 0);
+    // Host 2 reads it: queued behind the busy transaction.
+    assert!(!sim.access(2, 0, false));
+    fault(&mut sim, 2);
+    let (from, _, req) = take(&sim, 0);
+    sim.engines[0].on_message(from, req.clone());
+    assert!(sim.wire.borrow().is_empty(), "the first request is queued");
+    // The same request again (a hostile or broken peer): refused, not queued.
+    sim.engines[0].on_message(from, req);
+    let (_, to, nack) = take(&sim, 2);
+    assert_eq!(to, HostId(2));
+    assert!(matches!(nack, Message::Nack { .. }), "{nack:?}");
+    assert!(sim.wire.borrow().is_empty());
+    // The queued request is served once the first transaction ends.
+    sim.engines[0].on_message(ack.0, ack.2);
+    loop {
+        let next = sim.wire.borrow_mut().pop();
+        let Some((from, to, msg)) = next else { break };
+        sim.engines[usize::from(to.0)].on_message(from, msg);
+    }
+    assert!(sim.access(2, 0, false));
+    sim.check();
+}

@@ -328,6 +328,8 @@ impl Message {
     pub const ERR_NO_HANDLER: u16 = 1;
     /// `Error` code: the handler dropped the request without replying.
     pub const ERR_NO_REPLY: u16 = 2;
+    /// `Error` code: the receiver's queue for this kind of request is full.
+    pub const ERR_BUSY: u16 = 3;
 
     /// The subsystem that handles this message on the receiving host.
     pub fn service(&self) -> Service {

@@ -330,7 +330,7 @@ pub fn run_on(
                 reason: fabric::stop_to_wire(r),
             })
         }));
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel(fabric::IO_QUEUE);
         fabric::register(&n.transport, chip.clone(), stop.clone(), tx, status.clone());
         let homes = cfg.disks.iter().map(|d| d.host).collect();
         devices = devices.clustered(fabric, me, homes);

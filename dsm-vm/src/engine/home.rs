@@ -57,6 +57,23 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             DirEntry::default()
         });
         if e.busy.is_some() {
+            // A host has at most one request per page outstanding (its later faults on the page
+            // merge into it), so the queue holds at most one entry per host: a second one is a
+            // peer breaking the protocol, or flooding, and is refused instead of queued.
+            if e.queue.iter().any(|(h, _)| *h == from) {
+                self.fail(format_args!(
+                    "second request for pfn {pfn:#x} from {from} while one is queued: refused"
+                ));
+                self.deliver(
+                    from,
+                    Message::Nack {
+                        pfn,
+                        txn: 0,
+                        reason: NackReason::Unavailable,
+                    },
+                );
+                return;
+            }
             Stats::add(&stats.home_queued, 1);
             e.queue.push_back((from, access));
             return;

@@ -224,15 +224,20 @@ impl Handler for VcpuService {
     }
 }
 
-/// Work for host 0's io-server thread.
+/// Work for a host's io-server thread.
 pub type IoWork = (Message, Option<Responder>);
+
+/// Forwarded accesses waiting for the io-server at most. Each remote vCPU has at most one
+/// outstanding (its thread waits for the answer), so only a broken or hostile peer fills it;
+/// beyond it requests are answered `ERR_BUSY` instead of queued without bound.
+pub const IO_QUEUE: usize = 1024;
 
 /// Receives `Eoi` and forwarded I/O.
 pub struct IoService {
     /// The interrupt fabric of this host.
     pub chip: Arc<IrqChip>,
-    /// Queue of the io-server thread.
-    pub queue: Mutex<mpsc::Sender<IoWork>>,
+    /// Queue of the io-server thread, [`IO_QUEUE`] long.
+    pub queue: mpsc::SyncSender<IoWork>,
 }
 
 impl Handler for IoService {
@@ -246,12 +251,25 @@ impl Handler for IoService {
                     log::warn!("host {}: IrqPulse for pin {pin} ignored", from.0);
                 }
             }
-            Message::Mmio { .. } | Message::Pio { .. } => {
-                let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if q.send((msg, r)).is_err() {
+            Message::Mmio { .. } | Message::Pio { .. } => match self.queue.try_send((msg, r)) {
+                Ok(()) => {}
+                Err(mpsc::TrySendError::Full((msg, r))) => {
+                    log::warn!(
+                        "host {}: io-server queue full, refusing {}",
+                        from.0,
+                        msg.name()
+                    );
+                    if let Some(r) = r {
+                        let _ = r.reply(Message::Error {
+                            code: Message::ERR_BUSY,
+                            message: "io-server queue full".into(),
+                        });
+                    }
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
                     log::debug!("io-server gone; dropping I/O from host {}", from.0);
                 }
-            }
+            },
             other => log::warn!("host {}: unexpected I/O message {}", from.0, other.name()),
         }
     }
@@ -359,7 +377,7 @@ pub fn register(
     transport: &Arc<dyn Transport>,
     chip: Arc<IrqChip>,
     stop: Arc<Stopper>,
-    io_queue: mpsc::Sender<IoWork>,
+    io_queue: mpsc::SyncSender<IoWork>,
     status: Arc<Mutex<BTreeMap<u32, String>>>,
 ) {
     transport.register(Service::Vcpu, Arc::new(VcpuService { chip: chip.clone() }));
@@ -367,7 +385,7 @@ pub fn register(
         Service::Io,
         Arc::new(IoService {
             chip,
-            queue: Mutex::new(io_queue),
+            queue: io_queue,
         }),
     );
     transport.register(Service::Control, Arc::new(ControlService { stop, status }));
@@ -410,6 +428,51 @@ mod tests {
             source: 0,
         };
         assert_eq!(ipi_from_wire(&bad), None);
+    }
+
+    #[derive(Default)]
+    struct Replies(Mutex<Vec<(u64, Message)>>);
+    impl transport::ResponseSink for Replies {
+        fn send_response(
+            &self,
+            _to: HostId,
+            id: u64,
+            msg: Message,
+        ) -> Result<(), transport::Error> {
+            self.0.lock().unwrap().push((id, msg));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_io_queue_refuses_requests_instead_of_growing() {
+        let (tx, rx) = mpsc::sync_channel(2);
+        let io = IoService {
+            chip: Arc::new(IrqChip::new(1)),
+            queue: tx,
+        };
+        let sink = Arc::new(Replies::default());
+        let weak: std::sync::Weak<dyn transport::ResponseSink> =
+            Arc::downgrade(&(sink.clone() as Arc<dyn transport::ResponseSink>));
+        for id in 1..=3 {
+            let pio = Message::Pio {
+                port: 0x3f8,
+                size: 1,
+                write: false,
+                data: 0,
+            };
+            let r = transport::Responder::new(weak.clone(), HostId(1), id);
+            io.on_message(HostId(1), pio, Some(r));
+        }
+        {
+            let replies = sink.0.lock().unwrap();
+            assert!(
+                matches!(replies.as_slice(), [(3, Message::Error { code, .. })] if *code == Message::ERR_BUSY),
+                "{replies:?}"
+            );
+        }
+        let queued: Vec<_> = rx.try_iter().collect();
+        assert_eq!(queued.len(), 2);
     }
 
     #[test]
