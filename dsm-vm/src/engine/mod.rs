@@ -14,7 +14,7 @@
 
 use crate::ram::{home_of, HomePolicy, Layout};
 use crate::stats::Stats;
-use log::{error, warn};
+use log::{error, trace, warn};
 use proto::{Access, Content, FetchMode, HostId, Message, NackReason, PageBuf, Pfn, PAGE_SIZE};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -286,6 +286,7 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         }
         self.pending.insert(pfn, need);
         let home = self.home(pfn);
+        trace!("dsm {}: fault pfn {pfn:#x} {need:?} wp={wp}", self.me);
         Stats::add(
             if home == self.me {
                 &s.local_requests

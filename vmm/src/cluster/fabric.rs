@@ -5,10 +5,13 @@
 //!   APICs (physical destinations go to the one host that has the vCPU; logical, broadcast and
 //!   shorthand destinations go to every other host). Level-triggered EOIs go to host 0, which
 //!   has the IOAPIC, as `Eoi`.
-//! - Forwarded I/O: every device lives on host 0; a PIO or MMIO exit (other than the local
-//!   APIC) on another host becomes an `Mmio`/`Pio` request, answered with `IoReply`. Host 0
-//!   serves them on its own `io-server` thread, never on a transport thread, because device
-//!   emulation touches guest RAM and may fault on a page that the transport must bring in.
+//! - Forwarded I/O: every device has a home host (serial, PIO and the IOAPIC on host 0, each
+//!   virtio-blk disk where its config says); a PIO or MMIO exit (other than the local APIC) on
+//!   another host becomes an `Mmio`/`Pio` request to the home, answered with `IoReply`. Each
+//!   host serves them on its own `io-server` thread (queue bounded by [`IO_QUEUE`]), never on a
+//!   transport thread, because device emulation touches guest RAM and may fault on a page that
+//!   the transport must bring in. A device whose home lacks the IOAPIC raises `IrqPulse` to
+//!   host 0.
 //! - Stop: the first stop on any host is sent to every other host as `Stop`; a host that dies
 //!   (transport `Down`) stops the others with an error naming it.
 //!
@@ -38,7 +41,7 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A forwarded access failed.
-    #[error("forwarded I/O to host 0 failed: {0}")]
+    #[error("forwarded I/O to the device's home host failed: {0}")]
     Forward(String),
 }
 

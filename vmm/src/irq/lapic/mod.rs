@@ -123,11 +123,11 @@ pub struct Message {
 }
 
 impl Message {
-    /// Physical broadcast (`0xff` in xAPIC format, `0xffff_ffff` in x2APIC format).
+    /// Broadcast: `0xff` physical in xAPIC format; `0xffff_ffff` in x2APIC format, physical
+    /// or logical (SDM 11.12.9).
     pub fn is_broadcast(&self) -> bool {
-        !self.logical
-            && ((self.x2apic && self.dest == X2APIC_BROADCAST)
-                || (!self.x2apic && self.dest == 0xff))
+        (self.x2apic && self.dest == X2APIC_BROADCAST)
+            || (!self.x2apic && !self.logical && self.dest == 0xff)
     }
 }
 

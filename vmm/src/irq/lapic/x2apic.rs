@@ -8,7 +8,6 @@
 use std::time::Instant;
 
 use super::{reg, DeliveryMode, Effect, GeneralProtection, Message, Shorthand, State};
-use super::{LVT_MASKED, SVR_ENABLED};
 
 /// The x2APIC physical broadcast destination.
 pub const X2APIC_BROADCAST: u32 = 0xffff_ffff;
@@ -23,7 +22,8 @@ pub(super) const BASE_BSP: u64 = 1 << 8;
 pub(super) const BASE_EXTD: u64 = 1 << 10;
 pub(super) const BASE_EN: u64 = 1 << 11;
 /// Bits of `IA32_APIC_BASE` a guest may set (address below 2^36, EN, EXTD; BSP is read-only).
-const BASE_WRITABLE: u64 = 0x0000_000f_ffff_f000 | BASE_EN | BASE_EXTD;
+const BASE_WRITABLE: u64 = BASE_ADDR_MASK | BASE_EN | BASE_EXTD;
+const BASE_ADDR_MASK: u64 = 0x0000_000f_ffff_f000;
 /// x2APIC-only register offsets (MMIO offsets, MSR = 0x800 + offset / 16).
 const X2_SELF_IPI: u64 = 0x3f0;
 
@@ -37,7 +37,11 @@ impl State {
     /// architecture's invalid transitions (x2APIC back to xAPIC, disabled straight to x2APIC,
     /// EXTD without EN, reserved bits) refused.
     pub fn set_apic_base(&mut self, value: u64) -> Result<(), GeneralProtection> {
-        if value & !(BASE_WRITABLE | BASE_BSP) != 0 || (value ^ self.apic_base) & BASE_BSP != 0 {
+        if value & !(BASE_WRITABLE | BASE_BSP) != 0
+            || (value ^ self.apic_base) & BASE_BSP != 0
+            || value & BASE_ADDR_MASK != APIC_BASE_ADDR
+        {
+            // Relocating the APIC is not supported: the MMIO window is decoded at the default.
             return Err(GeneralProtection);
         }
         let (old_en, old_x2) = (self.apic_base & BASE_EN != 0, self.x2apic());
@@ -57,12 +61,16 @@ impl State {
             let id = u32::from(self.id);
             self.ldr = ((id >> 4) << 16) | (1 << (id & 0xf));
         }
-        if !en {
-            // Globally disabled: behaves like a software-disabled APIC until re-enabled.
-            self.svr &= !SVR_ENABLED;
-            for l in &mut self.lvt {
-                *l |= LVT_MASKED;
-            }
+        if old_en && !en {
+            // Global disable resets the APIC to its power-up state (SDM 11.4.3), except the
+            // base MSR itself and what the vCPU loop owns (INIT/SIPI state, pending NMI).
+            let (run_state, nmi_pending, timer_fires) =
+                (self.run_state, self.nmi_pending, self.timer_fires);
+            *self = State::new(self.id, value & BASE_BSP != 0);
+            self.apic_base = value;
+            self.run_state = run_state;
+            self.nmi_pending = nmi_pending;
+            self.timer_fires = timer_fires;
         }
         Ok(())
     }
@@ -95,6 +103,8 @@ impl State {
                 self.icr_hi = (value >> 32) as u32;
                 Ok(self.icr_message(value as u32))
             }
+            X2_SELF_IPI | reg::ESR if value > 0xff => Err(GeneralProtection),
+            reg::ESR if value != 0 => Err(GeneralProtection),
             X2_SELF_IPI => Ok(Some(Effect::Ipi(Message {
                 vector: value as u8,
                 mode: DeliveryMode::Fixed,
@@ -147,6 +157,7 @@ fn readable(offset: u64) -> bool {
 mod tests {
     use super::super::tests::{dest, fixed};
     use super::*;
+    use crate::irq::lapic::SVR_ENABLED;
 
     const MSR_ID: u32 = 0x802;
     const MSR_TPR: u32 = 0x808;
@@ -186,6 +197,24 @@ mod tests {
         assert!(s.set_apic_base(base | BASE_EXTD).is_err());
         s.set_apic_base(base).unwrap();
         assert!(!s.x2apic());
+        // Relocating the APIC is refused.
+        assert!(s.set_apic_base(base + 0x1000).is_err());
+    }
+
+    #[test]
+    fn global_disable_resets_the_apic() {
+        let now = Instant::now();
+        let mut s = x2(0x23);
+        assert!(s.accept(&fixed(0x51)));
+        s.ack(0x51);
+        let base = s.apic_base();
+        s.set_apic_base(base & !(BASE_EN | BASE_EXTD)).unwrap();
+        s.set_apic_base(base & !BASE_EXTD).unwrap();
+        assert!(!s.x2apic());
+        // No stale in-service vector, no x2APIC-derived logical ID, software-disabled.
+        assert_eq!(s.read(0x110, now), 0); // ISR bits 0x40..0x5f
+        assert_eq!(s.read(reg::LDR, now), 0);
+        assert_eq!(s.read(reg::SVR, now) & SVR_ENABLED, 0);
     }
 
     #[test]
@@ -211,6 +240,10 @@ mod tests {
         assert_eq!(s.msr_read(0x812, now), Ok(1 << 17)); // ISR bits 0x40..0x5f
         s.msr_write(MSR_EOI, 0, now).unwrap();
         assert_eq!(s.msr_read(0x812, now), Ok(0));
+        // ESR writes must be 0; SELF_IPI has only a vector.
+        assert!(s.msr_write(0x828, 1, now).is_err());
+        s.msr_write(0x828, 0, now).unwrap();
+        assert!(s.msr_write(MSR_SELF_IPI, 0x141, now).is_err());
     }
 
     #[test]
@@ -249,6 +282,8 @@ mod tests {
         assert!(!s.matches(&dest(0x13, false, true)));
         assert!(!s.matches(&dest(0x112, false, true)));
         assert!(s.matches(&dest(X2APIC_BROADCAST, false, true)));
+        // 0xffffffff is a broadcast in logical mode too.
+        assert!(s.matches(&dest(X2APIC_BROADCAST, true, true)));
         assert!(s.matches(&dest(0x0001_0004, true, true)));
         assert!(s.matches(&dest(0x0001_ffff, true, true)));
         assert!(!s.matches(&dest(0x0001_0003, true, true)));
