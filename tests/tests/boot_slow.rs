@@ -113,8 +113,15 @@ fn debian_image_on_two_hosts_passes_stress_ng_verify() {
     sparse_copy(&image, &disk);
     let state = std::env::temp_dir().join(format!("ssi-debian2-state-{}", std::process::id()));
     std::env::set_var("SSI_VMM_STATE_DIR", &state);
-    let append = "root=/dev/vda rw ssi.cmd=nproc;stress-ng+--verify+--timeout+20s+--metrics-brief+\
-                  --vm+2+--vm-bytes+32M+--fork+2+--pipe+2+--futex+2";
+    // One stress-ng run per stressor, 2 instances each (one per CPU), so every stressor gets
+    // its 30 s: started together, the later ones are still being spawned when a short timeout
+    // ends (spawning a stress-ng instance takes seconds under emulation), and report nothing.
+    // `set -e`: the first failing run ends the command with its status.
+    let append = "root=/dev/vda rw ssi.cmd=nproc;set+-e;\
+                  stress-ng+--verify+--timeout+30s+--metrics+--vm+2+--vm-bytes+4M;\
+                  stress-ng+--verify+--timeout+30s+--metrics+--fork+2;\
+                  stress-ng+--verify+--timeout+30s+--metrics+--pipe+2;\
+                  stress-ng+--verify+--timeout+30s+--metrics+--futex+2";
     let run = run_vmm(
         &[
             "up",
@@ -147,10 +154,43 @@ fn debian_image_on_two_hosts_passes_stress_ng_verify() {
         "{}",
         run.console
     );
-    assert!(
-        run.console.contains("successful run completed"),
+    assert_eq!(
+        run.console.matches("successful run completed").count(),
+        STRESSORS.len(),
         "{}",
         run.console
     );
+    for name in STRESSORS {
+        let ops = bogo_ops(&run.console, name);
+        assert!(
+            ops.is_some_and(|n| n > 0),
+            "stressor {name}: bogo ops {ops:?}\n{}",
+            run.console
+        );
+        eprintln!("stress-ng {name}: {} bogo ops in 30 s", ops.unwrap_or(0));
+    }
     assert!(!run.console.contains("segfault"), "{}", run.console);
+}
+
+/// The stressors the 2-host Debian test runs, each must report work done.
+const STRESSORS: [&str; 4] = ["vm", "fork", "pipe", "futex"];
+
+/// Bogo ops of stressor `name` from stress-ng's `--metrics` table
+/// (`stress-ng: metrc: [pid] vm   123   30.01 ...`).
+fn bogo_ops(console: &str, name: &str) -> Option<u64> {
+    console.lines().find_map(|l| {
+        let rest = l.split("stress-ng: metrc: [").nth(1)?;
+        let mut f = rest.split_whitespace().skip(1);
+        (f.next()? == name).then(|| f.next()?.parse().ok())?
+    })
+}
+
+#[test]
+fn bogo_ops_are_read_from_the_metrics_table() {
+    let c = "stress-ng: metrc: [72] stressor       bogo ops real time\n\
+             stress-ng: metrc: [72] vm                    0     24.96\n\
+             stress-ng: metrc: [72] fork                  6     20.58\n";
+    assert_eq!(bogo_ops(c, "vm"), Some(0));
+    assert_eq!(bogo_ops(c, "fork"), Some(6));
+    assert_eq!(bogo_ops(c, "pipe"), None);
 }
