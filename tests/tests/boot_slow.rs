@@ -116,9 +116,12 @@ fn debian_image_on_two_hosts_passes_stress_ng_verify() {
     // One stress-ng run per stressor, 2 instances each (one per CPU), so every stressor gets
     // its 30 s: started together, the later ones are still being spawned when a short timeout
     // ends (spawning a stress-ng instance takes seconds under emulation), and report nothing.
-    // `set -e`: the first failing run ends the command with its status.
+    // `set -e`: the first failing run ends the command with its status. The vm stressor keeps
+    // its mapping (`--vm-keep`) and uses the `flip` method: the default (`all` methods, a fresh
+    // mmap and random madvise every pass) does not finish one verified pass in 30 s under
+    // emulation, even on one host with 2 vCPUs, so it would report 0 bogo ops.
     let append = "root=/dev/vda rw ssi.cmd=nproc;set+-e;\
-                  stress-ng+--verify+--timeout+30s+--metrics+--vm+2+--vm-bytes+4M;\
+                  stress-ng+--verify+--timeout+30s+--metrics+--vm+2+--vm-bytes+4M+--vm-keep+--vm-method+flip;\
                   stress-ng+--verify+--timeout+30s+--metrics+--fork+2;\
                   stress-ng+--verify+--timeout+30s+--metrics+--pipe+2;\
                   stress-ng+--verify+--timeout+30s+--metrics+--futex+2";

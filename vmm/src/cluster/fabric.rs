@@ -3,8 +3,11 @@
 //! - Interrupt messages ([`crate::irq::RemoteIrq`]): an IPI or IOAPIC message that may target a
 //!   vCPU of another host is sent there as `Ipi` and matched against that host's own local
 //!   APICs (physical destinations go to the one host that has the vCPU; logical, broadcast and
-//!   shorthand destinations go to every other host). Level-triggered EOIs go to host 0, which
-//!   has the IOAPIC, as `Eoi`.
+//!   shorthand destinations go to every other host). A lowest-priority message with a logical or
+//!   broadcast destination must reach one APIC only: it is delivered on the sending host if one
+//!   of its APICs matches, else passed host by host around the ring (host order) until one
+//!   matches or it is back at its origin. Level-triggered EOIs go to host 0, which has the
+//!   IOAPIC, as `Eoi`.
 //! - Forwarded I/O: every device has a home host (serial, PIO and the IOAPIC on host 0, each
 //!   virtio-blk disk where its config says); a PIO or MMIO exit (other than the local APIC) on
 //!   another host becomes an `Mmio`/`Pio` request to the home, answered with `IoReply`. Each
@@ -187,6 +190,27 @@ impl RemoteIrq for Fabric {
             Err(_) => log::warn!("IOAPIC pin {pin} out of range; interrupt dropped"),
         }
     }
+
+    fn pass_on(&self, msg: &lapic::Message, from: Option<usize>) {
+        match self.next_in_ring(from) {
+            Some(h) => self.send_to(h, ipi_to_wire(msg, from)),
+            None => log::debug!("lowest-priority message {msg:?} matched no APIC on any host"),
+        }
+    }
+}
+
+impl Fabric {
+    /// The host after this one in host order (wrapping) unless that is the host where a
+    /// message from `from` started: the sending vCPU's host, or host 0 for devices (the
+    /// IOAPIC lives there). None also for a sender that is no vCPU of the machine.
+    fn next_in_ring(&self, from: Option<usize>) -> Option<usize> {
+        let origin = match from {
+            Some(cpu) => *self.cpu_host.get(cpu)?,
+            None => 0,
+        };
+        let next = (self.me + 1) % self.hosts.max(1);
+        (next != origin && next != self.me).then_some(next)
+    }
 }
 
 /// The stop reason as carried by a `Stop` message.
@@ -221,7 +245,7 @@ pub struct VcpuService {
 impl Handler for VcpuService {
     fn on_message(&self, from: HostId, msg: Message, _r: Option<Responder>) {
         match ipi_from_wire(&msg) {
-            Some((m, source)) => self.chip.deliver_local(&m, source),
+            Some((m, source)) => self.chip.deliver_from_remote(&m, source),
             None => log::warn!("host {}: bad vCPU message {}", from.0, msg.name()),
         }
     }
@@ -476,6 +500,142 @@ mod tests {
         }
         let queued: Vec<_> = rx.try_iter().collect();
         assert_eq!(queued.len(), 2);
+    }
+
+    /// Messages in flight between test hosts: (from, to, message).
+    type Wire = Arc<Mutex<Vec<(u16, u16, Message)>>>;
+
+    /// In-process transport between test hosts: sends are queued and delivered by `pump`.
+    struct Mesh {
+        me: u16,
+        queue: Wire,
+    }
+    impl Transport for Mesh {
+        fn local(&self) -> HostId {
+            HostId(self.me)
+        }
+        fn peers(&self) -> Vec<HostId> {
+            Vec::new()
+        }
+        fn send(&self, to: HostId, msg: Message) -> Result<(), transport::Error> {
+            self.queue.lock().unwrap().push((self.me, to.0, msg));
+            Ok(())
+        }
+        fn request(
+            &self,
+            to: HostId,
+            _: Message,
+            _: Duration,
+        ) -> Result<Message, transport::Error> {
+            Err(transport::Error::PeerDown(to))
+        }
+        fn register(&self, _: Service, _: Arc<dyn Handler>) {}
+        fn unregister(&self, _: Service) {}
+        fn is_up(&self, _: HostId) -> bool {
+            true
+        }
+    }
+
+    /// `n` hosts with one vCPU each; vCPU i has the flat logical ID 1 << i.
+    fn ring(n: u8) -> (Vec<Arc<IrqChip>>, Wire) {
+        let queue = Arc::new(Mutex::new(Vec::new()));
+        let chips: Vec<Arc<IrqChip>> = (0..n)
+            .map(|h| {
+                let local = (0..n).map(|i| i == h).collect();
+                let chip = Arc::new(IrqChip::with_local(n, local));
+                let l = &chip.lapics[usize::from(h)];
+                let now = std::time::Instant::now();
+                l.lock().write(0xf0, 0x1ff, now);
+                l.lock().write(0xd0, 1 << (24 + h), now);
+                let mesh = Arc::new(Mesh {
+                    me: u16::from(h),
+                    queue: queue.clone(),
+                });
+                let cpu_host = (0..usize::from(n)).collect();
+                let fabric = Fabric::new(mesh, usize::from(h), usize::from(n), cpu_host);
+                chip.set_remote(Arc::new(fabric));
+                chip
+            })
+            .collect();
+        (chips, queue)
+    }
+
+    /// Delivers queued messages until none is left; returns how many hops there were.
+    fn pump(chips: &[Arc<IrqChip>], queue: &Mutex<Vec<(u16, u16, Message)>>) -> usize {
+        let mut hops = 0;
+        loop {
+            let batch: Vec<_> = std::mem::take(&mut *queue.lock().unwrap());
+            if batch.is_empty() {
+                return hops;
+            }
+            for (from, to, msg) in batch {
+                hops += 1;
+                assert!(hops < 100, "message loops between hosts");
+                let svc = VcpuService {
+                    chip: chips[usize::from(to)].clone(),
+                };
+                svc.on_message(HostId(from), msg, None);
+            }
+        }
+    }
+
+    fn pending(chips: &[Arc<IrqChip>]) -> Vec<Option<u8>> {
+        chips
+            .iter()
+            .enumerate()
+            .map(|(h, c)| c.lapics[h].lock().deliverable())
+            .collect()
+    }
+
+    #[test]
+    fn a_lowest_priority_message_reaches_exactly_one_apic_across_hosts() {
+        let lowest = |dest: u32| lapic::Message {
+            vector: 0x40,
+            mode: DeliveryMode::LowestPriority,
+            level: false,
+            dest,
+            logical: true,
+            shorthand: Shorthand::None,
+            x2apic: false,
+        };
+        // From the IOAPIC (host 0) to vCPUs 1 and 2: host 0 has no match, host 1 takes it and
+        // host 2 never sees it.
+        let (chips, q) = ring(3);
+        chips[0].deliver(&lowest(0b110), None);
+        assert_eq!(pump(&chips, &q), 1);
+        assert_eq!(pending(&chips), vec![None, Some(0x40), None]);
+        // From vCPU 1 to vCPU 0 only: host 1 -> host 2 -> host 0.
+        let (chips, q) = ring(3);
+        chips[1].deliver(&lowest(0b001), Some(1));
+        assert_eq!(pump(&chips, &q), 2);
+        assert_eq!(pending(&chips), vec![Some(0x40), None, None]);
+        // A local match never leaves the host.
+        let (chips, q) = ring(3);
+        chips[2].deliver(&lowest(0b111), Some(2));
+        assert_eq!(pump(&chips, &q), 0);
+        assert_eq!(pending(&chips), vec![None, None, Some(0x40)]);
+        // Nobody matches: the message visits every host once and stops at its origin.
+        let (chips, q) = ring(3);
+        chips[0].deliver(&lowest(0b1000), None);
+        assert_eq!(pump(&chips, &q), 2);
+        assert_eq!(pending(&chips), vec![None, None, None]);
+        // Fixed logical delivery still reaches every match.
+        let (chips, q) = ring(3);
+        let fixed = lapic::Message {
+            mode: DeliveryMode::Fixed,
+            ..lowest(0b111)
+        };
+        chips[0].deliver(&fixed, None);
+        pump(&chips, &q);
+        assert_eq!(pending(&chips), vec![Some(0x40); 3]);
+        // A peer naming a sender that is no vCPU cannot start a ring walk.
+        let (chips, q) = ring(2);
+        let bad = ipi_to_wire(&lowest(0b1000), Some(7));
+        VcpuService {
+            chip: chips[1].clone(),
+        }
+        .on_message(HostId(0), bad, None);
+        assert_eq!(pump(&chips, &q), 0);
     }
 
     #[test]

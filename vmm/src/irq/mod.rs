@@ -18,6 +18,18 @@ pub trait RemoteIrq: Send + Sync {
     fn eoi(&self, vector: u8);
     /// An edge on IOAPIC input `pin` from a device of this host; the IOAPIC lives on another.
     fn pulse(&self, pin: u32);
+    /// Passes a lowest-priority message that matched no APIC of this host on to the next host
+    /// of the ring (host order, wrapping), unless that host is where the message started.
+    fn pass_on(&self, msg: &Message, from: Option<usize>);
+}
+
+/// Whether `msg` is a lowest-priority message that may match APICs on several hosts: such a
+/// message must reach exactly one APIC, so it travels host by host until one matches
+/// (physical unicast destinations already name one vCPU and go straight to its host).
+fn lowest_priority_multicast(msg: &Message) -> bool {
+    msg.mode == lapic::DeliveryMode::LowestPriority
+        && msg.shorthand == Shorthand::None
+        && (msg.logical || msg.is_broadcast())
 }
 
 /// The machine's interrupt fabric.
@@ -74,6 +86,15 @@ impl IrqChip {
 
     /// Delivers a message sent by vCPU `from` (None for devices), here and on other hosts.
     pub fn deliver(&self, msg: &Message, from: Option<usize>) {
+        if lowest_priority_multicast(msg) {
+            // One APIC in the whole machine: a local one if any matches, else the next host's.
+            if !self.deliver_local(msg, from) {
+                if let Some(r) = self.remote.get() {
+                    r.pass_on(msg, from);
+                }
+            }
+            return;
+        }
         if msg.shorthand != Shorthand::SelfOnly {
             if let Some(r) = self.remote.get() {
                 r.send(msg, from);
@@ -82,9 +103,19 @@ impl IrqChip {
         self.deliver_local(msg, from);
     }
 
-    /// Delivers a message to the matching APICs of this host's vCPUs only (messages that
-    /// arrive from other hosts).
-    pub fn deliver_local(&self, msg: &Message, from: Option<usize>) {
+    /// A message that arrived from another host: delivered to the matching APICs of this
+    /// host's vCPUs; a lowest-priority message that matches none here goes on to the next host.
+    pub fn deliver_from_remote(&self, msg: &Message, from: Option<usize>) {
+        if !self.deliver_local(msg, from) && lowest_priority_multicast(msg) {
+            if let Some(r) = self.remote.get() {
+                r.pass_on(msg, from);
+            }
+        }
+    }
+
+    /// Delivers a message to the matching APICs of this host's vCPUs only; false if none
+    /// matched.
+    pub fn deliver_local(&self, msg: &Message, from: Option<usize>) -> bool {
         let local = self
             .lapics
             .iter()
@@ -114,10 +145,12 @@ impl IrqChip {
         };
         if targets.is_empty() {
             log::debug!("interrupt message {msg:?} matched no local APIC");
+            return false;
         }
         for l in targets {
             l.deliver(msg);
         }
+        true
     }
 
     /// Carries out what a local APIC register write asked for.
