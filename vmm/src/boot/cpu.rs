@@ -137,12 +137,14 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
         w64(*entry, GDT_ADDR + 8 * i as u64, "GDT")?;
     }
     w64(0, IDT_ADDR, "IDT")?;
-    w64(PDPT_ADDR | 0x3, PML4_ADDR, "PML4")?;
+    // Present, writable, accessed (set up front as Linux does for its own entries: the
+    // cluster's page-table detector expects it, see `cluster/shadow.rs`); 2 MiB pages.
+    w64(PDPT_ADDR | 0x23, PML4_ADDR, "PML4")?;
     for pd in 0..4u64 {
-        w64((PD_ADDR + pd * 0x1000) | 0x3, PDPT_ADDR + pd * 8, "PDPT")?;
+        w64((PD_ADDR + pd * 0x1000) | 0x23, PDPT_ADDR + pd * 8, "PDPT")?;
         for i in 0..512u64 {
             let phys = (pd << 30) | (i << 21);
-            w64(phys | 0x83, PD_ADDR + pd * 0x1000 + i * 8, "page directory")?;
+            w64(phys | 0xa3, PD_ADDR + pd * 0x1000 + i * 8, "page directory")?;
         }
     }
     Ok(())
@@ -280,6 +282,6 @@ mod tests {
         let pde: u64 = mem
             .read_obj(GuestAddress(PD_ADDR + 3 * 0x1000 + 511 * 8))
             .unwrap();
-        assert_eq!(pde, 0xffe0_0000 | 0x83);
+        assert_eq!(pde, 0xffe0_0000 | 0xa3);
     }
 }

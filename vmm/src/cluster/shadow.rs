@@ -12,8 +12,11 @@
 //! Userspace cannot drop the shadow pages of one guest frame, but deleting and re-adding the
 //! memory slots makes KVM discard all of them. So: when this host drops its copy of a page that
 //! looks like a page table (present entries with plausible frame numbers inside guest memory,
-//! no reserved bits; the accessed bit is *not* required: fork makes the child's PTEs "old" and
-//! KVM sets it only on the entries it walked), every local vCPU is kicked out of `KVM_RUN` and the first to re-enter
+//! no reserved bits, and on each present entry the user or the accessed bit: the accessed bit
+//! alone is *not* required, since fork makes the child's user PTEs "old" and KVM sets it only
+//! on the entries it walked, but Linux sets it itself on every kernel entry; this keeps data
+//! pages such as the one holding `jiffies` from passing for page tables), every local vCPU is
+//! kicked out of `KVM_RUN` and the first to re-enter
 //! reloads the memory slots while no vCPU of this host is inside `KVM_RUN`. Data pages do not
 //! cause this (their shadow entries are zapped by KVM's MMU notifier on `MADV_DONTNEED`). With
 //! EPT/NPT the guest's page tables are walked by hardware and none of this is needed.
@@ -33,14 +36,55 @@ pub struct ShadowZap {
     vm: Arc<VmFd>,
     slots: Vec<kvm_userspace_memory_region>,
     lapics: Vec<Arc<LocalApic>>,
-    max_pfn: u64,
+    frames: Frames,
     zaps: AtomicU64,
     requests: AtomicU64,
     every_discard: bool,
 }
 
-/// Whether `page` looks like an x86-64 page table with at least one present entry.
-pub fn looks_like_page_table(page: &[u8; 4096], max_pfn: u64) -> bool {
+/// The guest-physical frames a page-table entry of this guest can map: its RAM and the device
+/// windows the VMM emulates (virtio-mmio slots, IOAPIC, local APIC).
+#[derive(Debug, Clone)]
+pub struct Frames {
+    /// Frame ranges, start inclusive, end exclusive.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Frames {
+    /// The frames of RAM `slots` plus the device windows of `crate::layout`.
+    pub fn new(slots: &[kvm_userspace_memory_region]) -> Self {
+        use crate::layout::{
+            APIC_WINDOW, IOAPIC_ADDR, LAPIC_ADDR, VIRTIO_IRQS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+        };
+        let virtio_end = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * VIRTIO_IRQS.len() as u64;
+        let mut ranges: Vec<(u64, u64)> = slots
+            .iter()
+            .map(|s| {
+                (
+                    s.guest_phys_addr >> 12,
+                    (s.guest_phys_addr + s.memory_size) >> 12,
+                )
+            })
+            .collect();
+        ranges.extend([
+            (VIRTIO_MMIO_BASE >> 12, virtio_end.div_ceil(4096)),
+            (
+                IOAPIC_ADDR >> 12,
+                (IOAPIC_ADDR + APIC_WINDOW).div_ceil(4096),
+            ),
+            (LAPIC_ADDR >> 12, (LAPIC_ADDR + APIC_WINDOW).div_ceil(4096)),
+        ]);
+        Frames { ranges }
+    }
+
+    fn contains(&self, pfn: u64) -> bool {
+        self.ranges.iter().any(|&(a, b)| (a..b).contains(&pfn))
+    }
+}
+
+/// Whether `page` looks like an x86-64 page table with at least one present entry, every one
+/// mapping a frame of `frames`.
+pub fn looks_like_page_table(page: &[u8; 4096], frames: &Frames) -> bool {
     let mut present = 0;
     for e in page.chunks_exact(8) {
         let mut b = [0u8; 8];
@@ -52,7 +96,11 @@ pub fn looks_like_page_table(page: &[u8; 4096], max_pfn: u64) -> bool {
         let reserved = (v >> 52) & 0x3f != 0;
         let pfn = (v >> 12) & ((1 << 40) - 1);
         let large = v & (1 << 7) != 0;
-        if reserved || pfn >= max_pfn || (pfn == 0 && !large) {
+        // Linux sets the accessed bit itself on every kernel mapping and table entry
+        // (`__PAGE_KERNEL*`, `_KERNPG_TABLE`, `_PAGE_TABLE`); the only present entries without
+        // it are user leaves made "old" (fork, reclaim), and those have the user bit.
+        let user_or_accessed = v & (1 << 2 | 1 << 5) != 0;
+        if reserved || !frames.contains(pfn) || (pfn == 0 && !large) || !user_or_accessed {
             return false;
         }
         present += 1;
@@ -67,19 +115,14 @@ impl ShadowZap {
         slots: Vec<kvm_userspace_memory_region>,
         lapics: Vec<Arc<LocalApic>>,
     ) -> Self {
-        let top = slots
-            .iter()
-            .map(|s| (s.guest_phys_addr + s.memory_size) >> 12)
-            .max()
-            .unwrap_or(0);
+        let frames = Frames::new(&slots);
         ShadowZap {
             needed: AtomicBool::new(false),
             gate: RwLock::new(()),
             vm,
             slots,
             lapics,
-            // Page tables also map MMIO below 4 GiB (APICs, virtio windows).
-            max_pfn: top.max(1 << 20),
+            frames,
             zaps: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             // Diagnostics: treat every dropped page as a page table.
@@ -88,8 +131,9 @@ impl ShadowZap {
     }
 
     /// DSM hook: this host is dropping its copy of `page`.
-    pub fn on_discard(&self, _gpa: u64, page: &[u8; 4096]) {
-        if self.every_discard || looks_like_page_table(page, self.max_pfn) {
+    pub fn on_discard(&self, gpa: u64, page: &[u8; 4096]) {
+        if self.every_discard || looks_like_page_table(page, &self.frames) {
+            log::trace!("page-table page {gpa:#x} dropped: shadow page tables to go");
             self.requests.fetch_add(1, Ordering::Relaxed);
             if !self.needed.swap(true, Ordering::AcqRel) {
                 for l in &self.lapics {
@@ -156,7 +200,14 @@ mod tests {
 
     #[test]
     fn page_table_heuristic() {
-        let max = 1 << 20;
+        // 1 GiB of RAM at 0.
+        let max = &Frames::new(&[kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 1 << 30,
+            userspace_addr: 0,
+        }]);
         // Linux kernel PTE: present, RW, accessed, dirty, global, NX.
         assert!(looks_like_page_table(&page(&[0x8000_0000_1234_5163]), max));
         // PDE pointing to a page table (_KERNPG_TABLE).
@@ -177,8 +228,25 @@ mod tests {
         assert!(!looks_like_page_table(&page(&[0xffff_8880_0123_4567]), max));
         assert!(!looks_like_page_table(&page(&[1, 3, 5]), max));
         assert!(!looks_like_page_table(&page(&[0x6f6c_6c65_6821]), max));
+        // The local APIC and a virtio-mmio window mapped by the kernel (ioremap: uncached).
+        assert!(looks_like_page_table(
+            &page(&[0x8000_0000_fee0_017b, 0x8000_0000_d000_117b]),
+            max
+        ));
+        // `jiffies` early on (it starts at 0xffff8ad0): a frame just below 4 GiB, where this
+        // machine has nothing, even with the user and accessed bits set.
+        assert!(!looks_like_page_table(&page(&[0xffff_8af5]), max));
         // Frame beyond guest memory.
         assert!(!looks_like_page_table(&page(&[0x0000_0100_0000_0063]), max));
+        // Odd counters that fall inside guest memory as frame numbers (`jiffies` starts at
+        // 0xffff8ad0 and ticks through odd values), with neither the user nor the accessed bit.
+        assert!(!looks_like_page_table(&page(&[0xffff_8ad1]), max));
+        assert!(!looks_like_page_table(
+            &page(&[0x0010_0009, 0, 0x2_0001]),
+            max
+        ));
+        // A kernel entry without the accessed bit is not one Linux writes.
+        assert!(!looks_like_page_table(&page(&[0x8000_0000_1234_5143]), max));
         // One bad entry spoils the page.
         assert!(!looks_like_page_table(&page(&[0x1234_5063, 0x21]), max));
     }
