@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The ssi-vmm test command (README; .ci/run calls exactly this).
-#   scripts/test.sh          format + lint + unit tests + CLI tests + lean-kernel boot tests
+#   scripts/test.sh          format + lint + unit tests + CLI tests + lean-kernel boot tests +
+#                            cluster tests + a benchmark smoke run (a few samples of each bench)
 #   scripts/test.sh --slow   also the slow guest tests (stock Debian kernel, Debian image)
 # Installs what it needs (Debian packages via the build scripts) and builds the guest kernel and
 # images into the cache (${SSI_CACHE:-~/.cache/ssi-vmm}) on first use.
@@ -34,6 +35,10 @@ if [ "$slow" = 1 ]; then
   step "Debian image (cached)"
   bash images/build-debian.sh >/dev/null
 fi
+step "benchmark smoke (few samples: the benchmarks keep working; numbers not recorded)"
+cargo bench -p dsm-vm --bench dsm -- --quick
+cargo bench -p vmm --bench ipi -- --quick
+cargo run --release -p ssi-tests --bin bench -- boot --smoke
 step "tests"
 # Guest boots are CPU-bound and this machine has 2 cores: one test at a time.
 if [ "$slow" = 1 ]; then

@@ -6,15 +6,26 @@
 //! messages read late. After every step the coherence invariants are checked: at most one
 //! writable copy and then no other copy, every present copy equal to the last value written.
 //! At the end the system must be quiescent and the directories must match the hosts' states.
+//!
+//! Write grants are held back as in production ([`Engine::set_hold`]): every engine reads a
+//! virtual clock that the schedule advances by random steps, and "release the held
+//! acknowledgements that are due" is one more random step (the production timer thread).
+//!
+//! The fixed seeds run in every `cargo test`; `SSI_DSM_SIM_SEEDS=N` adds N random schedules
+//! (default 20) from a base seed that is printed, or taken from `SSI_DSM_SIM_SEED` to replay
+//! one; a failing schedule names its seed. A long soak: `SSI_DSM_SIM_SEEDS=100000 cargo test
+//! --release -p dsm-vm --lib sim`.
 
-use crate::engine::{Engine, Local, Net, PageOps};
+use crate::engine::{Clock, Engine, Local, Net, PageOps};
 use crate::ram::{HomePolicy, Layout};
 use crate::stats::Stats;
 use proto::{HostId, Message, Pfn, PAGE_SIZE};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 type Page = Box<[u8; PAGE_SIZE]>;
 
@@ -22,6 +33,8 @@ type Page = Box<[u8; PAGE_SIZE]>;
 struct FakeMem {
     pages: RefCell<HashMap<Pfn, (Page, bool)>>,
     woken: RefCell<HashSet<Pfn>>,
+    /// A deliberately broken host: invalidations keep the stale copy (the checks must notice).
+    keep_stale: std::cell::Cell<bool>,
 }
 
 impl PageOps for Rc<FakeMem> {
@@ -57,6 +70,9 @@ impl PageOps for Rc<FakeMem> {
         out.copy_from_slice(&p.get(&pfn).expect("engine read an absent page").0[..]);
     }
     fn discard(&self, pfn: Pfn) -> Result<(), String> {
+        if self.keep_stale.get() {
+            return Ok(());
+        }
         self.pages.borrow_mut().remove(&pfn);
         Ok(())
     }
@@ -108,10 +124,24 @@ struct Sim {
     truth: HashMap<Pfn, u64>,
     next_value: u64,
     pages: u64,
+    /// Virtual time in ns since the clock's base, advanced by the schedule.
+    now_ns: Arc<AtomicU64>,
+    /// The virtual clock every engine reads.
+    clock: Clock,
+    hold: Duration,
 }
 
 impl Sim {
     fn new(hosts: u16, pages: u64, chunk: u64) -> Sim {
+        Sim::with_hold(hosts, pages, chunk, Duration::ZERO)
+    }
+
+    /// A simulation whose engines hold write grants for `hold` of virtual time.
+    fn with_hold(hosts: u16, pages: u64, chunk: u64, hold: Duration) -> Sim {
+        let now_ns = Arc::new(AtomicU64::new(0));
+        let base = Instant::now();
+        let t = now_ns.clone();
+        let clock: Clock = Arc::new(move || base + Duration::from_nanos(t.load(Ordering::Relaxed)));
         let ids: Vec<HostId> = (0..hosts).map(HostId).collect();
         let wire: Wire = Rc::default();
         let layout = Layout::new(&[(0, pages * PAGE_SIZE as u64)]).unwrap();
@@ -125,7 +155,7 @@ impl Sim {
             };
             let policy = HomePolicy::Interleave { chunk_pages: chunk };
             let stats = Arc::new(Stats::default());
-            let e = Engine::new(
+            let mut e = Engine::new(
                 h,
                 ids.clone(),
                 policy,
@@ -134,6 +164,8 @@ impl Sim {
                 net,
                 stats,
             );
+            e.set_clock(clock.clone());
+            e.set_hold(hold);
             engines.push(e);
             mems.push(mem);
         }
@@ -145,6 +177,9 @@ impl Sim {
             truth: HashMap::new(),
             next_value: 1,
             pages,
+            now_ns,
+            clock,
+            hold,
         }
     }
 
@@ -209,17 +244,17 @@ impl Sim {
             let inflight = self.wire.borrow().len();
             let fault_hosts: Vec<usize> =
                 (0..hosts).filter(|&h| !self.faults[h].is_empty()).collect();
-            if ready.is_empty() && inflight == 0 && fault_hosts.is_empty() {
+            let held = self.engines.iter().any(|e| e.has_held());
+            if ready.is_empty() && inflight == 0 && fault_hosts.is_empty() && !held {
                 let stuck: Vec<_> = vcpus.iter().filter(|v| v.1 != Vcpu::Done).collect();
                 assert!(stuck.is_empty(), "deadlock: {stuck:?}");
                 break;
             }
-            match rng.below(3) {
+            match rng.below(5) {
                 0 if !ready.is_empty() => {
                     let i = ready[rng.below(ready.len())];
-                    let (h, _, done, op) = &mut vcpus[i];
+                    let (h, _, _, op) = &mut vcpus[i];
                     let h = *h;
-                    let _ = done;
                     if op.0 == u64::MAX {
                         *op = (rng.below(self.pages as usize) as u64, rng.below(2) == 0);
                     }
@@ -242,6 +277,20 @@ impl Sim {
                     let k = rng.below(self.faults[h].len());
                     let (pfn, w, wp) = self.faults[h].remove(k);
                     self.engines[h].on_fault(pfn, w, wp);
+                }
+                // Virtual time passes: up to two holds at once, so acknowledgements fall due
+                // both before and after other steps.
+                3 => {
+                    let max = (2 * self.hold.as_nanos() as u64).max(1);
+                    let step = rng.next() % (max + 1);
+                    self.now_ns.fetch_add(step, Ordering::Relaxed);
+                    continue;
+                }
+                // One host's timer releases its due acknowledgements.
+                4 => {
+                    let h = rng.below(hosts);
+                    let now = (self.clock)();
+                    self.engines[h].release_held(now);
                 }
                 _ => continue,
             }
@@ -312,14 +361,31 @@ impl Sim {
     }
 }
 
+/// One schedule from `seed`: 2-4 hosts, a few pages, holds of 0-3 ms of virtual time. A failure
+/// names the seed (replay: `SSI_DSM_SIM_SEED=<seed> SSI_DSM_SIM_SEEDS=1`).
+fn run_seed(seed: u64) -> (u64, u64) {
+    let r = std::panic::catch_unwind(|| {
+        let mix = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let hosts = 2 + (seed % 3) as u16;
+        let hold = Duration::from_micros(mix % 4 * 1000);
+        let mut sim = Sim::with_hold(hosts, 3, 1 + seed % 2, hold);
+        sim.run(mix, 2, 30);
+        sim.stats()
+    });
+    match r {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("dsm sim: schedule with seed {seed} failed");
+            std::panic::resume_unwind(e)
+        }
+    }
+}
+
 #[test]
 fn random_schedules_keep_pages_coherent() {
     let (mut txns, mut writes) = (0, 0);
     for seed in 1..=300u64 {
-        let hosts = 2 + (seed % 3) as u16;
-        let mut sim = Sim::new(hosts, 3, 1 + seed % 2);
-        sim.run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 2, 30);
-        let (t, w) = sim.stats();
+        let (t, w) = run_seed(seed);
         txns += t;
         writes += w;
     }
@@ -329,10 +395,49 @@ fn random_schedules_keep_pages_coherent() {
     );
 }
 
+/// More schedules from a random (printed) or given base seed: `SSI_DSM_SIM_SEEDS=N` (default
+/// 20), `SSI_DSM_SIM_SEED=S`.
+#[test]
+fn random_seeds_keep_pages_coherent() {
+    let count: u64 = std::env::var("SSI_DSM_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let base: u64 = std::env::var("SSI_DSM_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            t ^ u64::from(std::process::id()) << 32
+        });
+    eprintln!("dsm sim: {count} schedules from base seed {base} (SSI_DSM_SIM_SEED={base} replays)");
+    for i in 0..count {
+        run_seed(base.wrapping_add(i));
+    }
+}
+
+/// The simulator's checks can fail: a host whose invalidations keep the stale copy is caught.
+#[test]
+fn a_host_that_keeps_invalidated_copies_is_caught() {
+    let caught = (1..=20u64).all(|seed| {
+        std::panic::catch_unwind(|| {
+            let mut sim = Sim::with_hold(3, 2, 1, Duration::from_millis(1));
+            sim.mems[1].keep_stale.set(true);
+            sim.run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 2, 30);
+        })
+        .is_err()
+    });
+    assert!(caught, "a stale copy went unnoticed");
+}
+
 #[test]
 fn hot_single_page_with_many_vcpus() {
     for seed in 1..=50u64 {
-        let mut sim = Sim::new(3, 1, 1);
+        let hold = Duration::from_millis(seed % 2);
+        let mut sim = Sim::with_hold(3, 1, 1, hold);
         sim.run(seed.wrapping_mul(0xd1b5_4a32_d192_ed03), 3, 40);
         sim.stats();
     }

@@ -123,6 +123,101 @@ impl Run {
     }
 }
 
+/// The number after `key=` in a `key=value key=value` result line (`SSI-CHECK-TLB: flips=3 ...`).
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The first console line that starts with `prefix`.
+pub fn line_starting<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
+    console.lines().find(|l| l.starts_with(prefix))
+}
+
+/// The value of a `KEY=value` line (the line must start with `KEY=`: the kernel's echo of its
+/// command line, which may hold the same text, does not count).
+pub fn line_value(console: &str, key: &str) -> Option<String> {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim().to_string())
+}
+
+/// Asserts that a finished `ssi-vmm up --local` run of cluster `name` (state in `dir/name`) was
+/// clean on every one of its `hosts` hosts: every host reported exit 0 with no DSM protocol or
+/// send error, its status in `status.json` agrees, no host logged an `ERROR`, no host had to be
+/// killed, and every host process is gone. Returns the parsed `status.json`.
+pub fn assert_clean_cluster(run: &Run, dir: &Path, name: &str, hosts: usize) -> serde_json::Value {
+    let state = dir.join(name);
+    run.assert_clean_exit();
+    for h in 0..hosts {
+        let want = format!("host {h}: exit 0: ");
+        let line = run
+            .stderr
+            .lines()
+            .find(|l| l.contains(&want))
+            .unwrap_or_else(|| panic!("host {h} did not exit cleanly:\n{}", run.stderr));
+        assert!(
+            line.contains("(DSM: 0 protocol errors, 0 send errors)"),
+            "host {h}: {line}"
+        );
+    }
+    assert!(
+        !run.stderr.contains("did not exit; killing it"),
+        "{}",
+        run.stderr
+    );
+    let mut logs = vec![("host 0 (stderr)".to_string(), run.stderr.clone())];
+    for h in 1..hosts {
+        let path = state.join(format!("host-{h}.log"));
+        let log =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        logs.push((format!("host {h}"), log));
+    }
+    for (who, log) in &logs {
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+        assert!(
+            errors.is_empty(),
+            "{who} logged errors:\n{}",
+            errors.join("\n")
+        );
+    }
+    let pids: Vec<u32> = std::fs::read_to_string(state.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), hosts, "one process per host: {pids:?}");
+    for pid in pids {
+        assert!(!alive(pid), "host process {pid} is still there");
+    }
+    let text =
+        std::fs::read_to_string(state.join("status.json")).expect("host 0 wrote status.json");
+    let status: serde_json::Value = serde_json::from_str(&text).expect("status.json parses");
+    let reported = status["hosts"].as_array().map_or(0, Vec::len);
+    assert_eq!(reported, hosts, "every host reported its status:\n{text}");
+    for h in status["hosts"].as_array().into_iter().flatten() {
+        for key in ["protocol_errors", "send_errors"] {
+            assert_eq!(
+                h[key].as_u64(),
+                Some(0),
+                "{key} of host {}:\n{text}",
+                h["host"]
+            );
+        }
+    }
+    status
+}
+
+/// Whether process `pid` still exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
 /// Makes a 64 MiB ext4 image at `path` holding `/ssi-vmm-probe` with the line `probe`.
 pub fn make_ext4_image(path: &Path, probe: &str) {
     let dir = path.with_extension("d");

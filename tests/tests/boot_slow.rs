@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ssi_tests::{artifact, lean_kernel, run_vmm};
+use ssi_tests::{artifact, assert_clean_cluster, lean_kernel, line_value, run_vmm};
 
 #[test]
 #[ignore = "slow: stock Debian kernel boot under instruction emulation (scripts/test.sh --slow)"]
@@ -44,6 +44,21 @@ fn stock_debian_kernel_boots_to_userspace() {
         run.elapsed
     );
     assert!(run.console.contains("SSI-VMM-BOOT-OK"), "{}", run.console);
+    assert_eq!(
+        line_value(&run.console, "SSI-VMM-TEST-EXIT").as_deref(),
+        Some("0"),
+        "{}",
+        run.console
+    );
+    // Every module of the initramfs's list (virtio, virtio-blk, ext4 and their dependencies)
+    // loaded into the unmodified kernel.
+    let loaded = line_value(&run.console, "SSI-VMM-MODULES-LOADED").unwrap_or_default();
+    let (ok, total) = loaded.split_once('/').unwrap_or(("", ""));
+    assert!(
+        !ok.is_empty() && ok == total && total.parse::<u32>().is_ok_and(|n| n > 0),
+        "modules loaded: {loaded:?}\n{}",
+        run.console
+    );
     assert!(!run.console.contains("segfault"), "{}", run.console);
 }
 
@@ -121,7 +136,10 @@ fn debian_image_on_two_hosts_passes_stress_ng_verify() {
     // mmap and random madvise every pass) does not finish one verified pass in 30 s under
     // emulation, even on one host with 2 vCPUs, so it would report 0 bogo ops. 1 MiB per
     // instance: with 4 MiB one 2-host run made 18 bogo ops and the next 0 (verify passed in both).
-    let append = "root=/dev/vda rw ssi.cmd=nproc;set+-e;\
+    // First the CPU count and the failed systemd units (both printed on lines of their own).
+    let append = "root=/dev/vda rw ssi.cmd=echo+SSI-VMM-NPROC=$(nproc);\
+                  systemctl+--failed+--no-legend+--plain;\
+                  echo+SSI-VMM-FAILED-UNITS=$(systemctl+--failed+--no-legend+--plain|wc+-l);set+-e;\
                   stress-ng+--verify+--timeout+30s+--metrics+--vm+2+--vm-bytes+1M+--vm-keep+--vm-method+flip;\
                   stress-ng+--verify+--timeout+30s+--metrics+--fork+2;\
                   stress-ng+--verify+--timeout+30s+--metrics+--pipe+2;\
@@ -146,8 +164,20 @@ fn debian_image_on_two_hosts_passes_stress_ng_verify() {
         Duration::from_secs(5400),
     );
     let _ = std::fs::remove_file(&disk);
-    run.assert_clean_exit();
+    assert_clean_cluster(&run, &state, "debian2", 2);
     let mu = run.mark("SSI-VMM-MULTI-USER").expect("multi-user reached");
+    assert_eq!(
+        line_value(&run.console, "SSI-VMM-NPROC").as_deref(),
+        Some("2"),
+        "{}",
+        run.console
+    );
+    assert_eq!(
+        line_value(&run.console, "SSI-VMM-FAILED-UNITS").as_deref(),
+        Some("0"),
+        "failed systemd units:\n{}",
+        run.console
+    );
     eprintln!(
         "debian image on 2 hosts: multi-user after {mu:?}, total {:?}",
         run.elapsed

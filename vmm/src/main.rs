@@ -153,13 +153,30 @@ fn up_main(a: UpArgs) -> Result<i32, String> {
     };
     let mut code = 0;
     for o in &outcomes {
-        eprintln!("ssi-vmm: host {}: exit {}: {}", o.host, o.code, o.reason);
+        let r = &o.report;
+        eprintln!(
+            "ssi-vmm: host {}: exit {}: {} (DSM: {} protocol errors, {} send errors)",
+            o.host, r.code, r.reason, r.protocol_errors, r.send_errors
+        );
         if code == 0 {
-            code = o.code;
+            code = r.code;
         }
     }
-    if let Some(o) = outcomes.first().filter(|o| o.code != 0) {
-        code = o.code;
+    if let Some(o) = outcomes.first().filter(|o| o.report.code != 0) {
+        code = o.report.code;
+    }
+    // A guest that powered off cleanly over a page protocol that broke its invariants did not
+    // run correctly: the run fails.
+    let broken: Vec<usize> = outcomes
+        .iter()
+        .filter(|o| o.report.protocol_errors > 0)
+        .map(|o| o.host)
+        .collect();
+    if !broken.is_empty() {
+        eprintln!("ssi-vmm: error: DSM protocol errors on host(s) {broken:?}: guest memory may be inconsistent");
+        if code == 0 {
+            code = 1;
+        }
     }
     Ok(code)
 }
@@ -217,6 +234,8 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
+    // Fault injection (`FAILPOINTS=...`) in builds with the `failpoints` feature; a no-op otherwise.
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Host(a) => match vmm::cluster::launch::host_daemon(a.listen, &a.key_file) {

@@ -88,6 +88,11 @@ pub struct RunReport {
     pub interrupts_injected: u64,
     /// Emulation fix-ups by instruction.
     pub fixups: std::collections::BTreeMap<&'static str, u64>,
+    /// DSM protocol violations or malformed requests seen (0 on a healthy cluster; always 0
+    /// for a single host).
+    pub dsm_protocol_errors: u64,
+    /// DSM messages that could not be sent.
+    pub dsm_send_errors: u64,
 }
 
 fn enable_cap(vm: &VmFd, cap: u32, arg0: u64) -> Result<(), kvm_ioctls::Error> {
@@ -315,6 +320,7 @@ pub fn run_on(
         _ => None,
     };
     let mut io_server = None::<std::sync::mpsc::Receiver<fabric::IoWork>>;
+    let mut io_counters = None;
     let status = Arc::new(Mutex::new(BTreeMap::new()));
     if let Some(n) = &net {
         let fabric = Arc::new(Fabric::new(
@@ -331,7 +337,15 @@ pub fn run_on(
             })
         }));
         let (tx, rx) = std::sync::mpsc::sync_channel(fabric::IO_QUEUE);
-        fabric::register(&n.transport, chip.clone(), stop.clone(), tx, status.clone());
+        io_counters = Some(fabric.io_counters());
+        fabric::register(
+            &n.transport,
+            chip.clone(),
+            stop.clone(),
+            tx,
+            fabric.io_counters(),
+            status.clone(),
+        );
         let homes = cfg.disks.iter().map(|d| d.host).collect();
         devices = devices.clustered(fabric, me, homes);
         // Every host serves the forwarded accesses to the devices it is home of.
@@ -345,8 +359,8 @@ pub fn run_on(
             .spawn(move || fabric::io_server(rx, d, s))
             .map_err(Error::Thread)?;
     }
-    if let (Some(n), Some(d)) = (&net, &dsm) {
-        let reporter = status::Reporter::new(n.spec.clone(), d.stats_source(), status.clone());
+    if let (Some(n), Some(d), Some(io)) = (&net, &dsm, io_counters) {
+        let reporter = status::Reporter::new(n.spec.clone(), d.stats_source(), io, status.clone());
         let (t, s) = (n.transport.clone(), stop.clone());
         std::thread::Builder::new()
             .name("status".into())
@@ -434,6 +448,7 @@ pub fn run_on(
         std::thread::sleep(Duration::from_millis(300));
         n.shutdown();
     }
+    let dsm_stats = dsm.as_ref().map(|d| d.stats_source().snapshot());
     if stuck {
         // A vCPU is blocked on a page that nobody will send: its thread still uses guest RAM,
         // so the mapping must outlive this function. The process exits right after.
@@ -458,6 +473,8 @@ pub fn run_on(
         exits: stats.exits().into_iter().collect(),
         interrupts_injected: stats.injected.load(std::sync::atomic::Ordering::Relaxed),
         fixups: fixups.counts(),
+        dsm_protocol_errors: dsm_stats.as_ref().map_or(0, |s| s.protocol_errors),
+        dsm_send_errors: dsm_stats.as_ref().map_or(0, |s| s.send_errors),
     })
 }
 

@@ -65,6 +65,9 @@ pub(crate) enum Local {
 /// Largest cluster the directory's host bit sets can describe.
 pub(crate) const MAX_HOSTS: usize = 64;
 
+/// Where the engine reads the time (the hold of write grants); a virtual clock in the simulator.
+pub(crate) type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
 pub(crate) struct Engine<P, N> {
     me: HostId,
     hosts: Vec<HostId>,
@@ -78,6 +81,7 @@ pub(crate) struct Engine<P, N> {
     /// Grant acknowledgements held back until the given instant (see [`Engine::set_hold`]).
     held: VecDeque<(Instant, HostId, Message)>,
     hold: Duration,
+    clock: Clock,
     pages: P,
     net: N,
     stats: Arc<Stats>,
@@ -118,6 +122,7 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             inbox: VecDeque::new(),
             held: VecDeque::new(),
             hold: Duration::ZERO,
+            clock: Arc::new(Instant::now),
             pages,
             net,
             stats,
@@ -133,6 +138,12 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         self.hold = hold;
     }
 
+    /// Reads the time from `clock` instead of [`Instant::now`] (the simulator's virtual clock).
+    #[cfg(test)]
+    pub(crate) fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
+    }
+
     /// Sends the held acknowledgements that are due; returns when the next one is.
     pub(crate) fn release_held(&mut self, now: Instant) -> Option<Instant> {
         while let Some((due, _, _)) = self.held.front() {
@@ -145,6 +156,12 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         }
         self.pump();
         self.held.front().map(|h| h.0)
+    }
+
+    /// Whether acknowledgements are held back (the simulator's termination check).
+    #[cfg(test)]
+    pub(crate) fn has_held(&self) -> bool {
+        !self.held.is_empty()
     }
 
     #[cfg(test)]
@@ -395,8 +412,15 @@ impl<P: PageOps, N: Net> Engine<P, N> {
                 self.set_local(i, Local::Shared);
             }
             FetchMode::Invalidate => {
-                let r = self.pages.discard(pfn);
-                self.op(r);
+                // Fault injection: keep the stale copy mapped (the checks must catch it).
+                let drop_discard = (|| {
+                    fail::fail_point!("dsm-invalidate-keep-stale-copy", |_| true);
+                    false
+                })();
+                if !drop_discard {
+                    let r = self.pages.discard(pfn);
+                    self.op(r);
+                }
                 Stats::add(&self.stats.invalidated, 1);
                 self.set_local(i, Local::Invalid);
             }
@@ -414,8 +438,15 @@ impl<P: PageOps, N: Net> Engine<P, N> {
                 if st == Local::Exclusive {
                     self.fail(format_args!("plain Invalidate of owned pfn {pfn:#x}"));
                 }
-                let r = self.pages.discard(pfn);
-                self.op(r);
+                // Fault injection: keep the stale copy mapped (the checks must catch it).
+                let drop_discard = (|| {
+                    fail::fail_point!("dsm-invalidate-keep-stale-copy", |_| true);
+                    false
+                })();
+                if !drop_discard {
+                    let r = self.pages.discard(pfn);
+                    self.op(r);
+                }
                 Stats::add(&self.stats.invalidated, 1);
                 self.set_local(i, Local::Invalid);
             }
@@ -493,7 +524,7 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         if self.hold.is_zero() || access == Access::Read {
             self.deliver(from, ack);
         } else {
-            self.held.push_back((Instant::now() + self.hold, from, ack));
+            self.held.push_back(((self.clock)() + self.hold, from, ack));
         }
     }
 }

@@ -1,13 +1,15 @@
 //! `bench`: boot benchmarks of ssi-vmm, printed as Markdown for `docs/BENCHMARKS.md`.
 //!
 //! ```text
-//! cargo run --release -p ssi-tests --bin bench -- boot [--stock | --only-stock] [--runs N]
+//! cargo run --release -p ssi-tests --bin bench -- boot [--stock | --only-stock | --smoke] [--runs N]
 //! (SSI_CONSOLE_LOG=FILE tees the guest consoles to FILE)
 //! ```
 //! For each configuration (lean kernel + busybox initramfs with 1 and 2 vCPUs; with `--stock`
 //! also Debian's stock kernel + its initramfs) it boots the guest with `ssi.test=nproc`, takes
 //! the host time at which `SSI-VMM-USERSPACE-UP` appears on the console, and reads the VMM's
-//! `--stats-json` (exits by reason, emulation fix-ups by instruction).
+//! `--stats-json` (exits by reason, emulation fix-ups by instruction). `--smoke`: the lean
+//! kernel with 1 vCPU once (CI runs it so the benchmark keeps working). Any failed run makes
+//! the exit status 1.
 //!
 //! ```text
 //! cargo run --release -p ssi-tests --bin bench -- cluster [--runs N] [--only-par | --only-boot]
@@ -30,32 +32,66 @@ struct Config {
     cpus: u32,
 }
 
-/// Minimal extraction of `"key": number` pairs inside the JSON object named `section`.
-fn section(json: &str, name: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    let Some(start) = json.find(&format!("\"{name}\"")) else {
-        return out;
-    };
-    let rest = &json[start..];
-    let (Some(open), Some(close)) = (rest.find('{'), rest.find('}')) else {
-        return out;
-    };
-    for item in rest[open + 1..close].split(',') {
-        let mut kv = item.splitn(2, ':');
-        if let (Some(k), Some(v)) = (kv.next(), kv.next()) {
-            if let Ok(v) = v.trim().parse::<f64>() {
-                out.insert(k.trim().trim_matches('"').to_string(), v);
-            }
-        }
-    }
-    out
+/// What a boot benchmark reads from the VMM's `--stats-json` report.
+#[derive(Debug, Default, PartialEq)]
+struct BootStats {
+    wall: f64,
+    exits: BTreeMap<String, f64>,
+    fixups: BTreeMap<String, f64>,
 }
 
-fn scalar(json: &str, key: &str) -> Option<f64> {
-    let i = json.find(&format!("\"{key}\""))?;
-    let rest = &json[i..];
-    let v = rest.split(':').nth(1)?.split([',', '\n', '}']).next()?;
-    v.trim().parse().ok()
+impl BootStats {
+    /// Parses the report (`vmm::vm::RunReport` as JSON); a missing or malformed report is an
+    /// error, so a broken run never shows up as a row of zeros.
+    fn parse(json: &str) -> Result<BootStats, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("stats JSON: {e}"))?;
+        let map = |name: &str| -> Result<BTreeMap<String, f64>, String> {
+            v.get(name)
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| format!("stats JSON has no object {name:?}"))?
+                .iter()
+                .map(|(k, x)| {
+                    x.as_f64()
+                        .map(|x| (k.clone(), x))
+                        .ok_or_else(|| format!("{name}.{k} is not a number"))
+                })
+                .collect()
+        };
+        Ok(BootStats {
+            wall: v
+                .get("wall_seconds")
+                .and_then(|w| w.as_f64())
+                .ok_or("stats JSON has no wall_seconds")?,
+            exits: map("exits")?,
+            fixups: map("fixups")?,
+        })
+    }
+
+    /// Exits per second of wall time.
+    fn exit_rate(&self) -> f64 {
+        self.exits.values().sum::<f64>() / self.wall.max(1e-9)
+    }
+
+    /// The `n` most frequent exit reasons, as `reason N/s`.
+    fn top_exits(&self, n: usize) -> Vec<String> {
+        let mut top: Vec<_> = self.exits.iter().filter(|(_, v)| **v > 0.0).collect();
+        top.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+        top.iter()
+            .take(n)
+            .map(|(k, v)| format!("{k} {:.0}/s", **v / self.wall.max(1e-9)))
+            .collect()
+    }
+}
+
+/// The parallel workload's result line values (`ssi.test=par`): one CPU ms, all CPUs ms, speedup.
+fn par_result(run: &ssi_tests::Run) -> Option<(u64, u64, f64)> {
+    let num = |k: &str| run.value(k)?.parse::<u64>().ok();
+    Some((
+        num("SSI-VMM-PAR-SINGLE-MS")?,
+        num("SSI-VMM-PAR-ALL-MS")?,
+        num("SSI-VMM-PAR-SPEEDUP-X100")? as f64 / 100.0,
+    ))
 }
 
 fn up(hosts: u32, cpus_per_host: u32, append: &str, markers: &[&str]) -> ssi_tests::Run {
@@ -86,7 +122,9 @@ fn up(hosts: u32, cpus_per_host: u32, append: &str, markers: &[&str]) -> ssi_tes
     )
 }
 
-fn cluster(runs: usize, only_par: bool, only_boot: bool) {
+/// Runs the cluster benchmarks; returns the number of failed runs.
+fn cluster(runs: usize, only_par: bool, only_boot: bool) -> usize {
+    let mut failed = 0;
     println!("| hosts x vCPUs | run | userspace (s) | poweroff (s) | result |");
     println!("|---|---|---|---|---|");
     for hosts in [1, 2, 3].into_iter().filter(|_| !only_par) {
@@ -97,6 +135,7 @@ fn cluster(runs: usize, only_par: bool, only_boot: bool) {
                 .map_or("-".to_string(), |d| format!("{:.1}", d.as_secs_f64()));
             let ok = run.status.is_some_and(|s| s.success())
                 && run.value("SSI-VMM-NPROC") == Some(hosts.to_string());
+            failed += usize::from(!ok);
             println!(
                 "| {hosts} x 1 | {} | {upt} | {:.1} | {} |",
                 r + 1,
@@ -111,54 +150,33 @@ fn cluster(runs: usize, only_par: bool, only_boot: bool) {
     for (hosts, cpus) in [(2, 1), (1, 2)].into_iter().filter(|_| !only_boot) {
         for r in 0..runs {
             let run = up(hosts, cpus, "ssi.test=par", &[]);
-            let v = |k: &str| run.value(k).unwrap_or_else(|| "-".into());
-            let speed = run
-                .value("SSI-VMM-PAR-SPEEDUP-X100")
-                .and_then(|s| s.parse::<f64>().ok())
-                .map_or("-".to_string(), |x| format!("{:.2}", x / 100.0));
+            let res = par_result(&run).filter(|_| run.status.is_some_and(|s| s.success()));
+            failed += usize::from(res.is_none());
+            let (one, all, speed) = res
+                .map_or(("-".into(), "-".into(), "-".into()), |(o, a, x)| {
+                    (o.to_string(), a.to_string(), format!("{x:.2}"))
+                });
             println!(
-                "| {hosts} host(s) x {cpus} vCPU(s) | {} | {} | {} | {speed} | {} |",
+                "| {hosts} host(s) x {cpus} vCPU(s) | {} | {one} | {all} | {speed} | {} |",
                 r + 1,
-                v("SSI-VMM-PAR-SINGLE-MS"),
-                v("SSI-VMM-PAR-ALL-MS"),
-                if run.status.is_some_and(|s| s.success()) {
-                    "ok"
-                } else {
-                    "FAILED"
-                }
+                if res.is_some() { "ok" } else { "FAILED" }
             );
         }
     }
+    failed
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs_arg: usize = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    if args.first().map(String::as_str) == Some("cluster") {
-        let has = |f: &str| args.iter().any(|a| a == f);
-        cluster(runs_arg, has("--only-par"), has("--only-boot"));
-        return;
-    }
-    if args.first().map(String::as_str) != Some("boot") {
-        eprintln!("usage: bench boot [--stock] [--runs N] | bench cluster [--runs N]");
-        std::process::exit(2);
-    }
+/// Boot benchmarks (`ssi-vmm run`); returns the number of failed runs. `smoke`: the lean
+/// kernel with 1 vCPU once (CI keeps the benchmark path working).
+fn boot(args: &[String]) -> usize {
     let stock = args.iter().any(|a| a == "--stock" || a == "--only-stock");
-    let runs: usize = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let runs = runs_arg(args);
     let only_stock = args.iter().any(|a| a == "--only-stock");
     let (lk, li) = (lean_kernel(), initramfs());
     let mut configs = vec![];
-    for cpus in [1, 2].into_iter().filter(|_| !only_stock) {
+    let lean_cpus: &[u32] = if smoke { &[1] } else { &[1, 2] };
+    for &cpus in lean_cpus.iter().filter(|_| !only_stock) {
         configs.push(Config {
             name: "lean".into(),
             kernel: lk.clone(),
@@ -166,7 +184,7 @@ fn main() {
             cpus,
         });
     }
-    if stock {
+    if stock && !smoke {
         let p = artifact("images/build-stock-kernel.sh");
         if p.len() == 2 {
             for cpus in [1, 2] {
@@ -179,6 +197,7 @@ fn main() {
             }
         }
     }
+    let mut failed = 0;
     println!(
         "| kernel | vCPUs | run | userspace (s) | poweroff (s) | exits/s | top exits | fix-ups |"
     );
@@ -218,34 +237,114 @@ fn main() {
             let up = run
                 .mark("SSI-VMM-USERSPACE-UP")
                 .map_or("-".to_string(), |d| format!("{:.1}", d.as_secs_f64()));
-            let wall = scalar(&json, "wall_seconds").unwrap_or(0.0);
-            let exits = section(&json, "exits");
-            let total: f64 = exits.values().sum();
-            let mut top: Vec<_> = exits.iter().filter(|(_, v)| **v > 0.0).collect();
-            top.sort_by(|a, b| b.1.total_cmp(a.1));
-            let top: Vec<String> = top
-                .iter()
-                .take(5)
-                .map(|(k, v)| format!("{k} {:.0}/s", **v / wall.max(1e-9)))
-                .collect();
-            let fix: Vec<String> = section(&json, "fixups")
+            let parsed = BootStats::parse(&json);
+            let ok = run.status.is_some_and(|s| s.success())
+                && run.value("SSI-VMM-NPROC") == Some(cpus.clone())
+                && parsed.is_ok();
+            failed += usize::from(!ok);
+            let st = parsed.unwrap_or_else(|e| {
+                eprintln!("bench: {e}");
+                BootStats::default()
+            });
+            let fix: Vec<String> = st
+                .fixups
                 .iter()
                 .map(|(k, v)| format!("{k}: {v:.0}"))
                 .collect();
-            let ok = if run.status.is_some_and(|s| s.success()) {
-                ""
-            } else {
-                " (FAILED)"
-            };
             println!(
-                "| {}{ok} | {} | {} | {up} | {wall:.1} | {:.0} | {} | {} |",
+                "| {}{} | {} | {} | {up} | {:.1} | {:.0} | {} | {} |",
                 c.name,
+                if ok { "" } else { " (FAILED)" },
                 c.cpus,
                 r + 1,
-                total / wall.max(1e-9),
-                top.join(", "),
+                st.wall,
+                st.exit_rate(),
+                st.top_exits(5).join(", "),
                 fix.join(", ")
             );
         }
+    }
+    failed
+}
+
+fn runs_arg(args: &[String]) -> usize {
+    args.iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let has = |f: &str| args.iter().any(|a| a == f);
+    let failed = match args.first().map(String::as_str) {
+        Some("cluster") => cluster(runs_arg(&args), has("--only-par"), has("--only-boot")),
+        Some("boot") => boot(&args),
+        _ => {
+            eprintln!(
+                "usage: bench boot [--stock | --only-stock | --smoke] [--runs N] | bench cluster [--runs N] [--only-par | --only-boot]"
+            );
+            std::process::exit(2);
+        }
+    };
+    if failed > 0 {
+        eprintln!("bench: {failed} run(s) FAILED");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = r#"{
+  "stop": "PowerOff",
+  "exit_code": 0,
+  "wall_seconds": 10.0,
+  "exits": {"hlt": 50, "io": 200, "mmio": 0},
+  "interrupts_injected": 7,
+  "fixups": {"clac (0f 01 ca)": 3}
+}"#;
+
+    #[test]
+    fn run_reports_parse() {
+        let s = BootStats::parse(REPORT).unwrap();
+        assert_eq!(s.wall, 10.0);
+        assert_eq!(s.exits.len(), 3);
+        assert_eq!(s.exit_rate(), 25.0);
+        assert_eq!(s.top_exits(5), vec!["io 20/s", "hlt 5/s"]);
+        assert_eq!(s.top_exits(1), vec!["io 20/s"]);
+        assert_eq!(s.fixups.get("clac (0f 01 ca)"), Some(&3.0));
+    }
+
+    #[test]
+    fn broken_reports_are_errors() {
+        assert!(BootStats::parse("").is_err());
+        assert!(BootStats::parse("{").is_err());
+        assert!(BootStats::parse(r#"{"exits": {}, "fixups": {}}"#).is_err());
+        let no_exits = REPORT.replace("\"exits\"", "\"other\"");
+        assert!(BootStats::parse(&no_exits).unwrap_err().contains("exits"));
+        let bad = REPORT.replace("\"hlt\": 50", "\"hlt\": \"x\"");
+        assert!(BootStats::parse(&bad).unwrap_err().contains("hlt"));
+    }
+
+    fn run(console: &str) -> ssi_tests::Run {
+        ssi_tests::Run {
+            console: console.into(),
+            stderr: String::new(),
+            status: None,
+            elapsed: Duration::ZERO,
+            marks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn parallel_results_parse() {
+        let r = run("x\nSSI-VMM-PAR-CPUS=2\nSSI-VMM-PAR-SINGLE-MS=4420\nSSI-VMM-PAR-ALL-MS=6330\nSSI-VMM-PAR-SPEEDUP-X100=139\n");
+        assert_eq!(par_result(&r), Some((4420, 6330, 1.39)));
+        assert_eq!(par_result(&run("SSI-VMM-PAR-SINGLE-MS=1\n")), None);
+        let garbled = "SSI-VMM-PAR-SINGLE-MS=1\nSSI-VMM-PAR-ALL-MS=x\nSSI-VMM-PAR-SPEEDUP-X100=1\n";
+        assert_eq!(par_result(&run(garbled)), None);
     }
 }

@@ -26,6 +26,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -48,12 +49,22 @@ pub enum Error {
     Forward(String),
 }
 
+/// Forwarded device accesses of one host (for `status` and the tests that prove forwarding).
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    /// MMIO/PIO accesses this host forwarded to a device's home host.
+    pub forwarded: AtomicU64,
+    /// Accesses forwarded by other hosts that this host accepted to serve.
+    pub served: AtomicU64,
+}
+
 /// Links of one host to the others.
 pub struct Fabric {
     transport: Arc<dyn Transport>,
     me: usize,
     hosts: usize,
     cpu_host: Vec<usize>,
+    io: Arc<IoCounters>,
 }
 
 impl Fabric {
@@ -69,7 +80,13 @@ impl Fabric {
             me,
             hosts,
             cpu_host,
+            io: Arc::default(),
         }
+    }
+
+    /// This host's forwarded-I/O counters.
+    pub fn io_counters(&self) -> Arc<IoCounters> {
+        self.io.clone()
     }
 
     /// This host's index.
@@ -97,6 +114,7 @@ impl Fabric {
     /// Performs an I/O access on the device's home host `home` and returns the value read (0
     /// for writes).
     pub fn forward(&self, home: usize, msg: Message) -> Result<u64, Error> {
+        self.io.forwarded.fetch_add(1, Ordering::Relaxed);
         match self.transport.request(HostId(home as u16), msg, IO_TIMEOUT) {
             Ok(Message::IoReply { data }) => Ok(data),
             Ok(other) => Err(Error::Forward(format!("unexpected reply {}", other.name()))),
@@ -265,6 +283,8 @@ pub struct IoService {
     pub chip: Arc<IrqChip>,
     /// Queue of the io-server thread, [`IO_QUEUE`] long.
     pub queue: mpsc::SyncSender<IoWork>,
+    /// Counts the accesses accepted.
+    pub io: Arc<IoCounters>,
 }
 
 impl Handler for IoService {
@@ -279,7 +299,9 @@ impl Handler for IoService {
                 }
             }
             Message::Mmio { .. } | Message::Pio { .. } => match self.queue.try_send((msg, r)) {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.io.served.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(mpsc::TrySendError::Full((msg, r))) => {
                     log::warn!(
                         "host {}: io-server queue full, refusing {}",
@@ -405,6 +427,7 @@ pub fn register(
     chip: Arc<IrqChip>,
     stop: Arc<Stopper>,
     io_queue: mpsc::SyncSender<IoWork>,
+    io: Arc<IoCounters>,
     status: Arc<Mutex<BTreeMap<u32, String>>>,
 ) {
     transport.register(Service::Vcpu, Arc::new(VcpuService { chip: chip.clone() }));
@@ -413,6 +436,7 @@ pub fn register(
         Arc::new(IoService {
             chip,
             queue: io_queue,
+            io,
         }),
     );
     transport.register(Service::Control, Arc::new(ControlService { stop, status }));
@@ -477,6 +501,7 @@ mod tests {
         let io = IoService {
             chip: Arc::new(IrqChip::new(1)),
             queue: tx,
+            io: Arc::default(),
         };
         let sink = Arc::new(Replies::default());
         let weak: std::sync::Weak<dyn transport::ResponseSink> =
@@ -500,6 +525,11 @@ mod tests {
         }
         let queued: Vec<_> = rx.try_iter().collect();
         assert_eq!(queued.len(), 2);
+        assert_eq!(
+            io.io.served.load(Ordering::Relaxed),
+            2,
+            "refused ones are not counted"
+        );
     }
 
     /// Messages in flight between test hosts: (from, to, message).

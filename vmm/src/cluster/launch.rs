@@ -13,8 +13,12 @@
 //!   |-- len u32 | job JSON | HMAC-SHA256(key, JSON) -->|  verify, parse, check ADDR_i
 //!   |<-- "OK\n"  (or "ERR <why>\n") ------|  joins the cluster, boots its vCPUs
 //!   |            ... guest runs ...       |
-//!   |<-- "EXIT <code> <reason>\n" --------|  VM stopped; the daemon exits with <code>
+//!   |<-- "EXIT " exit-report JSON "\n" ---|  VM stopped; the daemon exits with its code
 //! ```
+//!
+//! The exit report ([`ExitReport`]) carries the exit code, the stop reason and the host's DSM
+//! error counters (protocol errors, send errors): a run whose guest powered off cleanly but
+//! whose page protocol saw a violation is not a clean run, and `up` says so.
 //!
 //! The job JSON carries the cluster file (TOML text), the host's index, the guest-clock epoch
 //! and host 0's state directory; the key itself never travels. A job whose MAC does not verify
@@ -33,7 +37,7 @@ use sha2::Sha256;
 use super::spec::ClusterFile;
 use super::{status, timesync};
 
-const MAGIC: &[u8] = b"SSI-VMM-JOB 1\n";
+const MAGIC: &[u8] = b"SSI-VMM-JOB 2\n";
 const MAX_JOB: usize = 1 << 20;
 /// Shortest cluster key accepted.
 pub const MIN_KEY: usize = 16;
@@ -218,11 +222,28 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
         let me = spec.me;
         log::info!("host {me}: job from {peer} accepted");
         let result = crate::vm::run_on(&cfg, Some((spec, listener)));
-        let (code, reason) = match &result {
-            Ok(r) => (r.exit_code, r.stop.clone()),
-            Err(e) => (1, e.to_string()),
+        let report = match &result {
+            Ok(r) => ExitReport {
+                code: r.exit_code,
+                reason: r.stop.clone(),
+                protocol_errors: r.dsm_protocol_errors,
+                send_errors: r.dsm_send_errors,
+            },
+            Err(e) => ExitReport {
+                code: 1,
+                reason: e.to_string(),
+                ..Default::default()
+            },
         };
-        let _ = writeln!(stream, "EXIT {code} {}", reason.replace('\n', " "));
+        if report.protocol_errors > 0 || report.send_errors > 0 {
+            log::error!(
+                "host {me}: DSM saw {} protocol error(s) and {} send error(s)",
+                report.protocol_errors,
+                report.send_errors
+            );
+        }
+        let json = serde_json::to_string(&report).unwrap_or_default();
+        let _ = writeln!(stream, "EXIT {json}");
         return match result {
             Ok(r) => Ok(r.exit_code),
             Err(e) => Err(Error::Vm(Box::new(e))),
@@ -230,15 +251,40 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
     }
 }
 
+/// What a host daemon reports to `up` when its part of the VM has stopped (plain serde data,
+/// one JSON line after `EXIT `).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitReport {
+    /// Exit code.
+    pub code: i32,
+    /// Why the VM stopped, or what went wrong.
+    pub reason: String,
+    /// DSM protocol violations or malformed requests this host saw.
+    pub protocol_errors: u64,
+    /// DSM messages this host could not send.
+    pub send_errors: u64,
+}
+
 /// One host's outcome as `up` saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostOutcome {
     /// Host index.
     pub host: usize,
-    /// Exit code (1 if the host vanished without a report).
-    pub code: i32,
-    /// Its stop reason or what went wrong.
-    pub reason: String,
+    /// Its report (code 1 if the host vanished without one).
+    pub report: ExitReport,
+}
+
+impl HostOutcome {
+    fn failed(host: usize, reason: &str) -> HostOutcome {
+        HostOutcome {
+            host,
+            report: ExitReport {
+                code: 1,
+                reason: reason.into(),
+                ..Default::default()
+            },
+        }
+    }
 }
 
 fn connect_retry(addr: SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
@@ -301,11 +347,10 @@ pub fn up(
                 let mut line = String::new();
                 match r.read_line(&mut line) {
                     Ok(n) if n > 0 => parse_exit(host, line.trim_end()),
-                    _ => HostOutcome {
+                    _ => HostOutcome::failed(
                         host,
-                        code: 1,
-                        reason: "the host process ended without a report (killed?)".into(),
-                    },
+                        "the host process ended without a report (killed?)",
+                    ),
                 }
             })
         })
@@ -314,28 +359,19 @@ pub fn up(
         .into_iter()
         .enumerate()
         .map(|(host, w)| {
-            w.join().unwrap_or(HostOutcome {
-                host,
-                code: 1,
-                reason: "waiter panicked".into(),
-            })
+            w.join()
+                .unwrap_or_else(|_| HostOutcome::failed(host, "waiter panicked"))
         })
         .collect())
 }
 
 fn parse_exit(host: usize, line: &str) -> HostOutcome {
-    let mut it = line.splitn(3, ' ');
-    match (it.next(), it.next().and_then(|c| c.parse().ok()), it.next()) {
-        (Some("EXIT"), Some(code), reason) => HostOutcome {
-            host,
-            code,
-            reason: reason.unwrap_or("").to_string(),
-        },
-        _ => HostOutcome {
-            host,
-            code: 1,
-            reason: format!("malformed report {line:?}"),
-        },
+    match line
+        .strip_prefix("EXIT ")
+        .map(serde_json::from_str::<ExitReport>)
+    {
+        Some(Ok(report)) => HostOutcome { host, report },
+        _ => HostOutcome::failed(host, &format!("malformed report {line:?}")),
     }
 }
 
@@ -511,12 +547,21 @@ mod tests {
 
     #[test]
     fn exit_reports() {
-        assert_eq!(parse_exit(2, "EXIT 0 PowerOff").code, 0);
-        assert_eq!(
-            parse_exit(2, "EXIT 1 Error(\"x y\")").reason,
-            "Error(\"x y\")"
-        );
-        assert_eq!(parse_exit(2, "garbage").code, 1);
+        let r = ExitReport {
+            code: 0,
+            reason: "Error(\"x y\")".into(),
+            protocol_errors: 3,
+            send_errors: 1,
+        };
+        let line = format!("EXIT {}", serde_json::to_string(&r).unwrap());
+        let o = parse_exit(2, &line);
+        assert_eq!((o.host, o.report), (2, r));
+        assert_eq!(parse_exit(2, "garbage").report.code, 1);
+        assert_eq!(parse_exit(2, "EXIT 0 PowerOff").report.code, 1);
+        assert!(parse_exit(2, "EXIT {\"code\":0}")
+            .report
+            .reason
+            .contains("malformed"));
     }
 
     #[test]

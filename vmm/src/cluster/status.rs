@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use proto::{HostId, Message};
 use serde::{Deserialize, Serialize};
 use transport::Transport;
 
+use super::fabric::IoCounters;
 use super::ClusterSpec;
 use crate::stop::Stopper;
 
@@ -50,6 +52,18 @@ pub struct HostStatus {
     pub pages_in: u64,
     /// Pages sent.
     pub pages_out: u64,
+    /// DSM protocol violations or malformed requests seen (must stay 0).
+    #[serde(default)]
+    pub protocol_errors: u64,
+    /// DSM messages that could not be sent (must stay 0 while the VM runs).
+    #[serde(default)]
+    pub send_errors: u64,
+    /// Device accesses this host forwarded to the device's home host.
+    #[serde(default)]
+    pub io_forwarded: u64,
+    /// Accesses forwarded by other hosts that this host served.
+    #[serde(default)]
+    pub io_served: u64,
 }
 
 /// The cluster status file (plain serde data).
@@ -69,6 +83,7 @@ pub struct ClusterStatus {
 pub struct Reporter {
     spec: ClusterSpec,
     stats: Arc<dsm_vm::stats::Stats>,
+    io: Arc<IoCounters>,
     reports: Arc<Mutex<BTreeMap<u32, String>>>,
 }
 
@@ -77,11 +92,13 @@ impl Reporter {
     pub fn new(
         spec: ClusterSpec,
         stats: Arc<dsm_vm::stats::Stats>,
+        io: Arc<IoCounters>,
         reports: Arc<Mutex<BTreeMap<u32, String>>>,
     ) -> Self {
         Reporter {
             spec,
             stats,
+            io,
             reports,
         }
     }
@@ -102,6 +119,10 @@ impl Reporter {
             faults: [s.read_faults, s.write_faults, s.wp_faults],
             pages_in: s.pages_in,
             pages_out: s.pages_out,
+            protocol_errors: s.protocol_errors,
+            send_errors: s.send_errors,
+            io_forwarded: self.io.forwarded.load(Ordering::Relaxed),
+            io_served: self.io.served.load(Ordering::Relaxed),
         }
     }
 
@@ -195,7 +216,7 @@ pub fn render(st: &ClusterStatus, now_s: u64) -> String {
         st.state,
         now_s.saturating_sub(st.updated)
     );
-    s.push_str("host  address                 vcpus     resident    owned  home-dir   faults(r/w/wp)      pages-in  pages-out\n");
+    s.push_str("host  address                 vcpus     resident    owned  home-dir   faults(r/w/wp)      pages-in  pages-out  io(fwd/srv)  errors(proto/send)\n");
     for h in &st.hosts {
         let vcpus = h
             .vcpus
@@ -204,7 +225,7 @@ pub fn render(st: &ClusterStatus, now_s: u64) -> String {
             .collect::<Vec<_>>()
             .join(",");
         s.push_str(&format!(
-            "{:<5} {:<23} {:<9} {:>8} {:>8} {:>9}   {:<18} {:>9} {:>10}\n",
+            "{:<5} {:<23} {:<9} {:>8} {:>8} {:>9}   {:<18} {:>9} {:>10}  {:<12} {}\n",
             h.host,
             h.addr,
             vcpus,
@@ -213,7 +234,9 @@ pub fn render(st: &ClusterStatus, now_s: u64) -> String {
             h.directory_entries,
             format!("{}/{}/{}", h.faults[0], h.faults[1], h.faults[2]),
             h.pages_in,
-            h.pages_out
+            h.pages_out,
+            format!("{}/{}", h.io_forwarded, h.io_served),
+            format!("{}/{}", h.protocol_errors, h.send_errors),
         ));
     }
     s
@@ -235,6 +258,8 @@ mod tests {
                 addr: "127.0.0.1:1".into(),
                 vcpus: vec![1, 2],
                 resident_pages: 77,
+                protocol_errors: 5,
+                io_forwarded: 12,
                 ..Default::default()
             }],
         };
@@ -243,6 +268,7 @@ mod tests {
         assert_eq!(all, vec![st.clone()]);
         let text = render(&st, 101);
         assert!(text.contains("1,2") && text.contains("77") && text.contains("1 s ago"));
+        assert!(text.contains("12/0") && text.contains("5/0"), "{text}");
         std::fs::write(dir.join("t/status.json"), "{garbage").unwrap();
         assert!(read_all(&dir)
             .unwrap_err()
