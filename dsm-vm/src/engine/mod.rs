@@ -87,6 +87,13 @@ pub(crate) struct Engine<P, N> {
     stats: Arc<Stats>,
 }
 
+/// Fault injection (`FAILPOINTS=dsm-invalidate-keep-stale-copy=return`, feature
+/// `failpoints`): an invalidated copy stays mapped, which the checks must catch.
+fn keep_stale_copy() -> bool {
+    fail::fail_point!("dsm-invalidate-keep-stale-copy", |_| true);
+    false
+}
+
 fn bits(mut set: u64) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         if set == 0 {
@@ -413,11 +420,7 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             }
             FetchMode::Invalidate => {
                 // Fault injection: keep the stale copy mapped (the checks must catch it).
-                let drop_discard = (|| {
-                    fail::fail_point!("dsm-invalidate-keep-stale-copy", |_| true);
-                    false
-                })();
-                if !drop_discard {
+                if !keep_stale_copy() {
                     let r = self.pages.discard(pfn);
                     self.op(r);
                 }
@@ -439,11 +442,7 @@ impl<P: PageOps, N: Net> Engine<P, N> {
                     self.fail(format_args!("plain Invalidate of owned pfn {pfn:#x}"));
                 }
                 // Fault injection: keep the stale copy mapped (the checks must catch it).
-                let drop_discard = (|| {
-                    fail::fail_point!("dsm-invalidate-keep-stale-copy", |_| true);
-                    false
-                })();
-                if !drop_discard {
+                if !keep_stale_copy() {
                     let r = self.pages.discard(pfn);
                     self.op(r);
                 }

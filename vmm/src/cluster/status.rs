@@ -224,19 +224,20 @@ pub fn render(st: &ClusterStatus, now_s: u64) -> String {
             .map(|v| v.to_string())
             .collect::<Vec<_>>()
             .join(",");
+        let faults = format!("{}/{}/{}", h.faults[0], h.faults[1], h.faults[2]);
+        let io = format!("{}/{}", h.io_forwarded, h.io_served);
         s.push_str(&format!(
-            "{:<5} {:<23} {:<9} {:>8} {:>8} {:>9}   {:<18} {:>9} {:>10}  {:<12} {}\n",
+            "{:<5} {:<23} {:<9} {:>8} {:>8} {:>9}   {faults:<18} {:>9} {:>10}  {io:<12} {}/{}\n",
             h.host,
             h.addr,
             vcpus,
             h.resident_pages,
             h.owned_pages,
             h.directory_entries,
-            format!("{}/{}/{}", h.faults[0], h.faults[1], h.faults[2]),
             h.pages_in,
             h.pages_out,
-            format!("{}/{}", h.io_forwarded, h.io_served),
-            format!("{}/{}", h.protocol_errors, h.send_errors),
+            h.protocol_errors,
+            h.send_errors,
         ));
     }
     s

@@ -25,14 +25,23 @@
 //! here; if the exception frame shows a user-mode instruction fetch fault at LSTAR (or CSTAR),
 //! the VMM abandons the fault and completes the SYSCALL: kernel CS/SS from STAR, RIP = LSTAR,
 //! RSP and RFLAGS as the SYSCALL left them (RCX and R11 were already set by the CPU).
+//!
+//! Structure: [`handle_emulation_failure`] fetches the bytes at RIP, `insn::decode` (pure)
+//! says which instruction they are with its operands and length, and `execute` performs it with
+//! the ioctls; the arithmetic (`insn::popcnt`, `insn::with_ac`) and the broken-SYSCALL check and
+//! transition (`syscall::complete`) are pure functions, unit-tested without `/dev/kvm`.
+
+mod insn;
+mod syscall;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use self::insn::{Decoded, Insn};
 use super::decode::{self, Operand};
 use crate::boot::cpu::msr;
 
@@ -231,95 +240,6 @@ pub fn guest_tsc(vcpu: &VcpuFd) -> Result<u64, Error> {
         .unwrap_or(0))
 }
 
-const RFLAGS_AC: u64 = 1 << 18;
-
-/// If the vCPU is at a `clac` at the very start of a page-fault entry caused by a broken
-/// user-mode SYSCALL, completes the SYSCALL and returns true.
-fn complete_broken_syscall(
-    vcpu: &VcpuFd,
-    mem: &GuestMemoryMmap,
-    regs: &mut kvm_regs,
-    sregs: &mut kvm_sregs,
-) -> Result<bool, Error> {
-    if sregs.cs.selector & 3 != 0 {
-        return Ok(false);
-    }
-    // Hardware exception frame: error code, RIP, CS, RFLAGS, RSP, SS.
-    let mut raw = [0u8; 48];
-    if read_virt(vcpu, mem, regs.rsp, &mut raw).is_err() {
-        return Ok(false);
-    }
-    let f: Vec<u64> = raw
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect();
-    let (err, rip, cs, rflags, rsp) = (f[0], f[1], f[2], f[3], f[4]);
-    // A user-mode (bit 2) instruction-fetch (bit 4) page fault whose address is the frame RIP.
-    if cs & 3 != 3 || err & 0x14 != 0x14 || sregs.cr2 != rip {
-        return Ok(false);
-    }
-    let m = get_msrs(
-        vcpu,
-        &[
-            msr::STAR,
-            msr::LSTAR,
-            msr::CSTAR,
-            msr::FS_BASE,
-            msr::GS_BASE,
-            msr::SYSCALL_MASK,
-        ],
-    )?;
-    let (star, lstar, cstar, fs_base, gs_base, sfmask) = (m[0], m[1], m[2], m[3], m[4], m[5]);
-    if rip != lstar && rip != cstar {
-        return Ok(false);
-    }
-    // KVM_SET_SREGS rewrites every segment. On the emulating host the FS/GS bases reported by
-    // KVM_GET_SREGS can lag behind the MSRs (a user process then lost its TLS pointer after a
-    // completed SYSCALL), so take the bases from the MSRs.
-    if sregs.fs.base != fs_base || sregs.gs.base != gs_base {
-        log::debug!(
-            "SYSCALL fix-up: sregs FS/GS base {:#x}/{:#x} differ from MSRs {fs_base:#x}/{gs_base:#x}",
-            sregs.fs.base,
-            sregs.gs.base
-        );
-    }
-    sregs.fs.base = fs_base;
-    sregs.gs.base = gs_base;
-    let kcs = ((star >> 32) & 0xfffc) as u16;
-    let seg = |selector, type_, l, db| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db,
-        s: 1,
-        l,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    sregs.cs = seg(kcs, 0xb, 1, 0);
-    sregs.ss = seg(kcs.wrapping_add(8), 0x3, 0, 1);
-    // SYSCALL clears the RFLAGS bits in SFMASK (IF, TF, DF, AC for Linux) and RF. Whether or not
-    // the broken SYSCALL did, the completed one must: with IF still set, an interrupt injected
-    // at the entry point (before the stack switch) would be pushed onto the user stack.
-    if rflags & sfmask != 0 {
-        log::debug!(
-            "SYSCALL fix-up: RFLAGS {rflags:#x} had SFMASK bits {:#x} set",
-            rflags & sfmask
-        );
-    }
-    regs.rip = rip;
-    regs.rsp = rsp;
-    regs.rflags = (rflags & !sfmask & !(1 << 16)) | 2;
-    vcpu.set_sregs(sregs)
-        .map_err(|e| Error::Kvm("SET_SREGS", e))?;
-    Ok(true)
-}
-
 /// Handles a `KVM_EXIT_INTERNAL_ERROR` / emulation failure. On success the vCPU state is fixed
 /// and the guest can be resumed.
 pub fn handle_emulation_failure(
@@ -327,8 +247,8 @@ pub fn handle_emulation_failure(
     mem: &GuestMemoryMmap,
     stats: &FixupStats,
 ) -> Result<Fixup, Error> {
-    let mut regs = vcpu.get_regs().map_err(|e| Error::Kvm("GET_REGS", e))?;
-    let mut sregs = vcpu.get_sregs().map_err(|e| Error::Kvm("GET_SREGS", e))?;
+    let regs = vcpu.get_regs().map_err(|e| Error::Kvm("GET_REGS", e))?;
+    let sregs = vcpu.get_sregs().map_err(|e| Error::Kvm("GET_SREGS", e))?;
     let long = sregs.cs.l == 1;
     let rip = if long {
         regs.rip
@@ -336,18 +256,34 @@ pub fn handle_emulation_failure(
         sregs.cs.base.wrapping_add(regs.rip)
     };
     let bytes = fetch(vcpu, mem, rip);
-    let unknown = || Error::Unknown {
-        rip,
-        cpl: (sregs.cs.selector & 3) as u8,
-        bytes: hex(&bytes),
+    let Some(d) = insn::decode(&bytes, long, &regs, &sregs) else {
+        return Err(Error::Unknown {
+            rip,
+            cpl: (sregs.cs.selector & 3) as u8,
+            bytes: hex(&bytes),
+        });
     };
-    let p = decode::prefixes(&bytes);
-    let op = &bytes[p.len.min(bytes.len())..];
-    let (fix, len) = match op {
-        [0xcc, ..] => {
-            regs.rip = regs.rip.wrapping_add(1);
-            vcpu.set_regs(&regs)
-                .map_err(|e| Error::Kvm("SET_REGS", e))?;
+    let (fix, at) = execute(vcpu, mem, d, rip, regs, sregs)?;
+    stats.record(fix, at, &bytes[..d.len.min(bytes.len())]);
+    Ok(fix)
+}
+
+/// Performs decoded instruction `d` (at linear `rip`) on the vCPU whose registers were `regs`
+/// and `sregs`. Returns the fix-up and the RIP to log it at (the completed SYSCALL's for
+/// [`Fixup::Syscall`], else `rip`).
+fn execute(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    d: Decoded,
+    rip: u64,
+    mut regs: kvm_regs,
+    mut sregs: kvm_sregs,
+) -> Result<(Fixup, u64), Error> {
+    let set_regs = |regs: &kvm_regs| vcpu.set_regs(regs).map_err(|e| Error::Kvm("SET_REGS", e));
+    let fix = match d.insn {
+        Insn::Int3 => {
+            regs.rip = regs.rip.wrapping_add(d.len as u64);
+            set_regs(&regs)?;
             let mut ev = vcpu
                 .get_vcpu_events()
                 .map_err(|e| Error::Kvm("GET_VCPU_EVENTS", e))?;
@@ -356,113 +292,60 @@ pub fn handle_emulation_failure(
             ev.exception.has_error_code = 0;
             vcpu.set_vcpu_events(&ev)
                 .map_err(|e| Error::Kvm("SET_VCPU_EVENTS", e))?;
-            stats.record(Fixup::Int3, rip, &bytes[..1]);
-            return Ok(Fixup::Int3);
+            return Ok((Fixup::Int3, rip));
         }
-        [0x0f, 0x01, 0xca, ..] => {
-            if complete_broken_syscall(vcpu, mem, &mut regs, &mut sregs)? {
-                vcpu.set_regs(&regs)
-                    .map_err(|e| Error::Kvm("SET_REGS", e))?;
-                stats.record(Fixup::Syscall, regs.rip, &bytes[..p.len + 3]);
-                return Ok(Fixup::Syscall);
+        Insn::Clac => {
+            if syscall::complete_broken_syscall(vcpu, mem, &mut regs, &mut sregs)? {
+                set_regs(&regs)?;
+                return Ok((Fixup::Syscall, regs.rip));
             }
-            regs.rflags &= !RFLAGS_AC;
-            (Fixup::Clac, p.len + 3)
+            regs.rflags = insn::with_ac(regs.rflags, false);
+            Fixup::Clac
         }
-        [0x0f, 0x01, 0xcb, ..] => {
-            regs.rflags |= RFLAGS_AC;
-            (Fixup::Stac, p.len + 3)
+        Insn::Stac => {
+            regs.rflags = insn::with_ac(regs.rflags, true);
+            Fixup::Stac
         }
-        [0x9b, ..] => (Fixup::Fwait, p.len + 1),
-        [0x0f, 0xb8, rest @ ..] if p.rep && long => {
-            let seg = seg_base(&p, &sregs);
-            let (dst, src, n) =
-                decode::modrm(rest, &p, &regs, seg, p.len + 2, 0).ok_or_else(unknown)?;
-            let width = if p.w() {
-                8
-            } else if p.opsize {
-                2
-            } else {
-                4
-            };
+        Insn::Fwait => Fixup::Fwait,
+        Insn::Popcnt { dst, src, width } => {
             let v = match src {
                 Operand::Reg(r) => decode::reg(&regs, r),
                 Operand::Mem(a) => {
                     let mut b = [0u8; 8];
-                    read_virt(vcpu, mem, a, &mut b[..width])?;
+                    read_virt(vcpu, mem, a, &mut b[..width.min(8)])?;
                     u64::from_le_bytes(b)
                 }
             };
-            let v = if width == 8 {
-                v
-            } else {
-                v & ((1u64 << (width * 8)) - 1)
-            };
-            let count = u64::from(v.count_ones());
-            let old = decode::reg(&regs, dst);
-            let new = if width == 2 {
-                (old & !0xffff) | count
-            } else {
-                count
-            };
+            let (new, rflags) = insn::popcnt(v, width, decode::reg(&regs, dst), regs.rflags);
             decode::set_reg(&mut regs, dst, new);
-            // OF, SF, ZF, AF, CF, PF cleared; ZF set when the source is zero.
-            regs.rflags &= !0x8d5;
-            if v == 0 {
-                regs.rflags |= 0x40;
-            }
-            (Fixup::Popcnt, p.len + 2 + n)
+            regs.rflags = rflags;
+            Fixup::Popcnt
         }
-        [0x0f, 0x01, 0xd0, ..] => {
+        Insn::Xgetbv => {
             let v = super::xsave::xgetbv(vcpu, regs.rcx as u32)?;
             regs.rax = v & 0xffff_ffff;
             regs.rdx = v >> 32;
-            (Fixup::Xgetbv, p.len + 3)
+            Fixup::Xgetbv
         }
-        [0x0f, 0xae, rest @ ..]
-            if long
-                && rest
-                    .first()
-                    .is_some_and(|m| m >> 6 != 3 && matches!((m >> 3) & 7, 4..=6)) =>
-        {
-            let seg = seg_base(&p, &sregs);
-            let (r, opnd, n) =
-                decode::modrm(rest, &p, &regs, seg, p.len + 2, 0).ok_or_else(unknown)?;
-            let Operand::Mem(addr) = opnd else {
-                return Err(unknown());
-            };
-            let restore = r & 7 == 5;
+        Insn::Xsave { restore, addr } => {
             let mask = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
             match super::xsave::emulate(vcpu, mem, addr, mask, restore) {
                 Ok(()) => {}
                 Err(Error::GuestRead(va)) => {
                     inject_page_fault(vcpu, va, !restore)?;
-                    stats.record(
-                        Fixup::PageFault,
-                        rip,
-                        &bytes[..(p.len + 2 + n).min(bytes.len())],
-                    );
-                    return Ok(Fixup::PageFault);
+                    return Ok((Fixup::PageFault, rip));
                 }
                 Err(e) => return Err(e),
             }
-            let fix = if restore { Fixup::Xrstor } else { Fixup::Xsave };
-            (fix, p.len + 2 + n)
+            if restore {
+                Fixup::Xrstor
+            } else {
+                Fixup::Xsave
+            }
         }
-        [0x0f, 0xae, rest @ ..]
-            if long
-                && rest
-                    .first()
-                    .is_some_and(|m| m >> 6 != 3 && matches!((m >> 3) & 7, 2 | 3)) =>
-        {
-            let seg = seg_base(&p, &sregs);
-            let (r, opnd, n) =
-                decode::modrm(rest, &p, &regs, seg, p.len + 2, 0).ok_or_else(unknown)?;
-            let Operand::Mem(addr) = opnd else {
-                return Err(unknown());
-            };
+        Insn::Mxcsr { load, addr } => {
             let mut fpu = vcpu.get_fpu().map_err(|e| Error::Kvm("GET_FPU", e))?;
-            let fix = if r & 7 == 2 {
+            if load {
                 let mut b = [0u8; 4];
                 read_virt(vcpu, mem, addr, &mut b)?;
                 fpu.mxcsr = u32::from_le_bytes(b);
@@ -471,16 +354,12 @@ pub fn handle_emulation_failure(
             } else {
                 write_virt(vcpu, mem, addr, &fpu.mxcsr.to_le_bytes())?;
                 Fixup::Stmxcsr
-            };
-            (fix, p.len + 2 + n)
+            }
         }
-        _ => return Err(unknown()),
     };
-    regs.rip = regs.rip.wrapping_add(len as u64);
-    vcpu.set_regs(&regs)
-        .map_err(|e| Error::Kvm("SET_REGS", e))?;
-    stats.record(fix, rip, &bytes[..len.min(bytes.len())]);
-    Ok(fix)
+    regs.rip = regs.rip.wrapping_add(d.len as u64);
+    set_regs(&regs)?;
+    Ok((fix, rip))
 }
 
 /// Injects the page fault a supervisor access to `va` raises (CR2 = `va`).
@@ -504,10 +383,21 @@ fn inject_page_fault(vcpu: &VcpuFd, va: u64, write: bool) -> Result<(), Error> {
         .map_err(|e| Error::Kvm("SET_VCPU_EVENTS", e))
 }
 
-fn seg_base(p: &decode::Prefixes, s: &kvm_sregs) -> u64 {
-    match p.seg {
-        Some(0x64) => s.fs.base,
-        Some(0x65) => s.gs.base,
-        _ => 0,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_count_by_kind() {
+        let s = FixupStats::default();
+        s.record(Fixup::Clac, 0x1000, &[0x0f, 0x01, 0xca]);
+        s.record(Fixup::Clac, 0x1000, &[0x0f, 0x01, 0xca]);
+        s.record(Fixup::Xrstor, 0x2000, &[0x0f, 0xae, 0x2f]);
+        let c = s.counts();
+        assert_eq!(c.get("clac (0f 01 ca)"), Some(&2));
+        assert_eq!(c.get("xrstor (0f ae /5)"), Some(&1));
+        assert_eq!(c.len(), 2);
+        assert_eq!(hex(&[0x0f, 0xae, 0x2f]), "0f ae 2f");
+        assert_eq!(hex(&[]), "");
     }
 }
