@@ -3,6 +3,8 @@
  *
  *   ssi-check [--seconds S] [--threads N] [--mem MB] [--mem-own 0|1] [--watchdog S]
  *   (--mem-own 1: each thread checks only its own share: memory aggregation, no page moves)
+ *   ssi-check --vector S [--watchdog S]    (only the vector-register mode, below)
+ *   ssi-check --tlb S [--watchdog S]       (only the TLB-shootdown mode, below)
  *
  * One worker thread per online CPU by default, worker i pinned to the i-th CPU of the
  * process's affinity mask (modulo their number). The workers run four phases; the time
@@ -41,18 +43,49 @@
  * 1 otherwise; 2 for usage or setup errors (then no final line). A failed pin is reported
  * (pinned=no), not counted as a mismatch.
  *
- * Self-test builds (each must end with mismatches > 0):
- *   -DBREAK_LOCKS  lock/unlock do nothing and the fetch_add is a plain load + store;
- *   -DBREAK_RINGS  the producer publishes head before it writes the records;
- *   -DBREAK_MEM    from pass 2 on, writers skip the first page of their share.
+ * Two separate modes, each S seconds, with the same watchdog (a TIMEOUT line, then the final
+ * line early, with the threads given up on counted as mismatches, exit status 1):
+ *   --vector S  two threads per CPU (pinned) keep a pattern of their own, new every round, in
+ *               all user register state the CPU and OS have (CPUID, XGETBV: xmm0-15, the upper
+ *               halves of ymm0-15, the upper 256 bits of zmm0-15, zmm16-31, k0-7, MXCSR, the
+ *               x87 control word) across sched_yield(), and compare. Prints
+ *                 ssi-check: vector covers xmm ymm-hi zmm-hi zmm16-31 k0-7 x87cw mxcsr
+ *               (what it covers), then the final line
+ *                 SSI-CHECK-VECTOR: registers=LIST threads=N rounds=R mismatches=M
+ *               (M: registers that came back different). Exit status 0 iff M == 0 and R > 0.
+ *   --tlb S     a writer on the first CPU flips a page between read-write and read-only with
+ *               mprotect() as fast as readers on every other CPU acknowledge; readers write
+ *               the page in read-write generations and probe it with a write (which must
+ *               fault: SIGSEGV, caught) after every downgrade, and check what they read is not
+ *               torn. Final line
+ *                 SSI-CHECK-TLB: cpus=N flips=F reads=R probes=P faults=X mismatches=M
+ *               (M: probes that did not fault, i.e. missed shootdowns, + torn reads + writes
+ *               that faulted while read-write). Exit status 0 iff M == 0, F > 0 and R > 0;
+ *               2 if mprotect() failed.
  *
- * Build: gcc -O2 -static -pthread -Wall -Wextra -Werror -o ssi-check ssi-check.c
+ * Self-test builds (each must end with mismatches > 0; build-initramfs.sh runs them):
+ *   -DBREAK_LOCKS   lock/unlock do nothing and the fetch_add is a plain load + store;
+ *   -DBREAK_RINGS   the producer publishes head before it writes the records (and yields in
+ *                   between, so the consumer reads them unwritten even on a busy host);
+ *   -DBREAK_MEM     from pass 2 on, writers skip the first page of their share;
+ *   -DBREAK_TLB     (--tlb) the writer skips mprotect(PROT_READ) but still publishes the
+ *                   read-only generation: every probe lands, as after a missed shootdown;
+ *   -DBREAK_VECTOR  (--vector) zmm20 (AVX-512), the upper half of ymm9 (AVX) or xmm7 (SSE
+ *                   only) is overwritten after the yield, before it is stored and compared.
+ *
+ * Build: gcc -std=c11 -O2 -static -pthread -s -Wall -Wextra -Werror -o ssi-check ssi-check.c
+ * (no -m flags: the AVX/AVX-512 functions have target attributes and are used only where
+ * CPUID and XGETBV say so).
  */
 #define _GNU_SOURCE
+#include <cpuid.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <sched.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -128,8 +161,8 @@ static int nthreads, ncpus, ncpulist;
 static int cpulist[CPU_SETSIZE];
 static double seconds = 20.0, watchdog_s = 600.0;
 static long mem_mb;
-static int mem_own;
-static double vector_s, tlb_s; /* --vector S: only the vector-register check, S seconds */ /* --mem-own 1: each thread verifies its own share (memory aggregation) */
+static int mem_own;                /* --mem-own 1: each thread verifies its own share */
+static double vector_s, tlb_s;     /* --vector S / --tlb S: only that mode, S seconds */
 static struct lockpage *lockpages[2]; /* [set][counter] */
 static struct ring *rings;            /* [producer * nthreads + consumer] */
 static size_t ring_stride;
@@ -373,6 +406,7 @@ static int ring_send(struct ring_end *e, int self, int batch)
   if ((uint64_t)batch > room) batch = (int)room;
 #ifdef BREAK_RINGS
   __atomic_store_n(&r->head, e->seq + (uint64_t)batch, __ATOMIC_RELEASE); /* too early */
+  sched_yield(); /* and a slow producer: the consumer gets to read the unwritten records */
 #endif
   for (; n < batch; n++) {
     uint64_t seq = e->seq + (uint64_t)n;
@@ -606,13 +640,15 @@ static void *map_pages(size_t bytes, const char *what)
 static void usage(FILE *f)
 {
   fprintf(f, "usage: ssi-check [--seconds S] [--threads N] [--mem MB] [--mem-own 0|1] [--watchdog S]\n"
+             "       ssi-check --vector S [--watchdog S]\n"
+             "       ssi-check --tlb S [--watchdog S]\n"
              "  --seconds S   total time budget of the phases (default 20)\n"
              "  --threads N   worker threads (default: online CPUs)\n"
              "  --mem MB      memory phase buffer in MiB (default 0: no memory phase)\n"
              "  --mem-own 1   each thread verifies its own share (no cross-thread check)\n"
-             "  --vector S    only check that vector registers survive context switches (S s)\n"
-             "  --tlb S       only run mprotect() flips that need TLB shootdowns (S s)\n"
-             "  --watchdog S  give up on a phase S seconds after its time (default 600)\n");
+             "  --vector S    only check that vector/FPU state survives context switches (S s)\n"
+             "  --tlb S       only check TLB shootdowns: mprotect() flips, write probes (S s)\n"
+             "  --watchdog S  give up on a phase or mode S seconds after its time (default 600)\n");
 }
 
 static double num_arg(const char *opt, const char *s, double lo, double hi)
@@ -627,173 +663,633 @@ static double num_arg(const char *opt, const char *s, double lo, double hi)
   return v;
 }
 
+/* ---- the separate modes (--vector, --tlb): threads and watchdog ----------------------------- */
+
+/* Like the phases: the mode's time is up when ctl.stop (own page) is raised. Shared data the
+ * threads write often is on pages of its own (a guest's pages may move between hosts). */
+static int mode_done; /* threads that finished (under done_mu) */
+
+static void mode_thread_done(void)
+{
+  pthread_mutex_lock(&done_mu);
+  mode_done++;
+  pthread_cond_signal(&done_cv);
+  pthread_mutex_unlock(&done_mu);
+}
+
+/* Main thread: sleeps until t0 + secs, raises ctl.stop, then waits for n threads to call
+ * mode_thread_done() until --watchdog seconds after that; returns how many did. */
+static int mode_wait(double t0, double secs, int n)
+{
+  sleep_until(t0 + secs);
+  __atomic_store_n(&ctl.stop, 1, __ATOMIC_RELAXED);
+  double limit = t0 + secs + watchdog_s;
+  struct timespec ts = {.tv_sec = (time_t)limit,
+                        .tv_nsec = (long)((limit - (double)(time_t)limit) * 1e9)};
+  pthread_mutex_lock(&done_mu);
+  while (mode_done < n)
+    if (pthread_cond_timedwait(&done_cv, &done_mu, &ts) == ETIMEDOUT) break;
+  int finished = mode_done;
+  pthread_mutex_unlock(&done_mu);
+  return finished;
+}
+
+static int pin_to(int cpu)
+{
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return sched_setaffinity(0, sizeof set, &set) == 0;
+}
+
+/* Counters their thread bumps while the main thread may read them (TIMEOUT lines). */
+static inline void count(uint64_t *c, uint64_t d)
+{
+  __atomic_store_n(c, __atomic_load_n(c, __ATOMIC_RELAXED) + d, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t peek(const uint64_t *c) { return __atomic_load_n(c, __ATOMIC_RELAXED); }
+
 /* ---- vector registers across context switches (--vector S) -------------------------------- */
 
-/* Each round keeps a pattern in a vector register across sched_yield(), in one asm block so the
- * compiler cannot spill it: with two threads per CPU the yield switches tasks, and the kernel
- * must save and restore the whole register. A guest kernel that saves less than user code uses
- * (FXSAVE only, while AVX/AVX-512 are usable) loses it. */
-static volatile int vec_stop;
-static uint64_t vec_rounds[2 * MAX_THREADS], vec_bad[2 * MAX_THREADS];
-static int vec_kind; /* 0 sse, 1 avx2, 2 avx512 */
+/* Two threads per CPU (pinned) each load a pattern of their own, new every round, into all the
+ * user register state the CPU has and the OS enabled (CPUID, XGETBV(0)), call sched_yield()
+ * (the `syscall` instruction, in the same asm block: nothing can be spilled), store it all back
+ * and compare:
+ *   always          xmm0-15 (XSAVE component 1), MXCSR, the x87 control word (component 0);
+ *   AVX             the upper halves of ymm0-15 (component 2; CPUID.1:ECX OSXSAVE+AVX, XCR0
+ *                   bits 1 and 2);
+ *   AVX-512F        the upper 256 bits of zmm0-15 (ZMM_Hi256, 6), zmm16-31 (Hi16_ZMM, 7),
+ *                   k0-7 (opmask, 5; CPUID.7.0:EBX bit 16, XCR0 bits 5-7); 64-bit masks with
+ *                   AVX512BW (bit 30, kmovq), else 16-bit (kmovw).
+ * The yield switches to the CPU's other thread, so the kernel must save and restore all of it
+ * (XSAVE, XRSTOR and variants, which the VMM emulates, merging components). Every 8th round
+ * the upper halves, zmm16-31 and k0-7 are zero and vzeroupper puts components 2 and 6 in
+ * their initial state: a restore that leaves stale values where XSTATE_BV says "initial"
+ * shows up there.
+ * MXCSR keeps all exceptions masked; its rounding control (never round-to-nearest),
+ * flush-to-zero and sticky flags vary. The x87 control word keeps all exceptions masked; its
+ * rounding (never nearest) and precision control vary. Both are restored inside the block. */
+struct vecregs {
+  uint64_t z[32][8]; /* zmm0-31; xmm/ymm are their first 16/32 bytes */
+  uint64_t k[8];
+  uint32_t mxcsr, saved_mxcsr;
+  uint16_t fcw, saved_fcw;
+} __attribute__((aligned(64)));
+/* The asm below addresses the fields by these offsets. */
+_Static_assert(offsetof(struct vecregs, k) == 2048 && offsetof(struct vecregs, mxcsr) == 2112 &&
+                   offsetof(struct vecregs, saved_mxcsr) == 2116 &&
+                   offsetof(struct vecregs, fcw) == 2120 &&
+                   offsetof(struct vecregs, saved_fcw) == 2122,
+               "vecregs layout");
 
-__attribute__((target("avx2"))) static int vec_round_avx2(const uint64_t *in, uint64_t *out)
+enum { V_XMM = 1, V_YMMHI = 2, V_ZMMHI = 4, V_HI16 = 8, V_K = 16, V_X87CW = 32, V_MXCSR = 64 };
+static const char *const vec_names[] = {"xmm", "ymm-hi", "zmm-hi", "zmm16-31",
+                                        "k0-7", "x87cw", "mxcsr"};
+static unsigned vec_cover;
+static uint64_t vec_kmask; /* bits of a k register covered: 64 (kmovq) or 16 (kmovw) */
+static void (*vec_round)(const struct vecregs *in, struct vecregs *out, int zinit);
+
+struct vec_thread { /* one page each */
+  uint64_t rounds, bad;
+  int cpu, pin_ok;
+} __attribute__((aligned(PAGE)));
+static struct vec_thread *vec_t;
+
+#define R8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#define R16(M) R8(M) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
+#define R16_31(M) \
+  M(16) M(17) M(18) M(19) M(20) M(21) M(22) M(23) M(24) M(25) M(26) M(27) M(28) M(29) M(30) M(31)
+#define LD_XMM(i) "movdqu " #i "*64(%0), %%xmm" #i "\n\t"
+#define ST_XMM(i) "movdqu %%xmm" #i ", " #i "*64(%1)\n\t"
+#define LD_YMM(i) "vmovdqu " #i "*64(%0), %%ymm" #i "\n\t"
+#define ST_YMM(i) "vmovdqu %%ymm" #i ", " #i "*64(%1)\n\t"
+#define LD_ZMM(i) "vmovdqu64 " #i "*64(%0), %%zmm" #i "\n\t"
+#define ST_ZMM(i) "vmovdqu64 %%zmm" #i ", " #i "*64(%1)\n\t"
+#define LD_KQ(i) "kmovq 2048+" #i "*8(%0), %%k" #i "\n\t"
+#define ST_KQ(i) "kmovq %%k" #i ", 2048+" #i "*8(%1)\n\t"
+#define LD_KW(i) "kmovw 2048+" #i "*8(%0), %%k" #i "\n\t"
+#define ST_KW(i) "kmovw %%k" #i ", 2048+" #i "*8(%1)\n\t"
+/* Save the caller's MXCSR / x87 control word into out, load in's. */
+#define CTL_LOAD "fnstcw 2122(%1)\n\tstmxcsr 2116(%1)\n\tldmxcsr 2112(%0)\n\tfldcw 2120(%0)\n\t"
+/* Store them into out, restore the caller's. */
+#define CTL_STORE "stmxcsr 2112(%1)\n\tfnstcw 2120(%1)\n\tldmxcsr 2116(%1)\n\tfldcw 2122(%1)\n\t"
+#define YIELD "mov $24, %%eax\n\tsyscall\n\t" /* sched_yield(): clobbers rax, rcx, r11 */
+/* zinit rounds: components 2 (and 6) to their initial state (the values are zero already). */
+#define VZU_IF_ZINIT "test %2, %2\n\tjz 1f\n\tvzeroupper\n1:\n\t"
+#ifdef BREAK_VECTOR /* corrupt one register after the yield, before it is stored */
+#define BREAK_X "pcmpeqd %%xmm7, %%xmm7\n\t"                  /* xmm7 := all ones */
+#define BREAK_Y "vinsertf128 $1, %%xmm0, %%ymm9, %%ymm9\n\t"  /* ymm9's upper half := xmm0 */
+#define BREAK_Z "vpternlogd $0xff, %%zmm20, %%zmm20, %%zmm20\n\t" /* zmm20 := all ones */
+#else
+#define BREAK_X ""
+#define BREAK_Y ""
+#define BREAK_Z ""
+#endif
+#define CLOBBER_SYSCALL "rax", "rcx", "r11", "memory", "cc"
+#define CLOBBER_XMM0_15                                                                       \
+  "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",    \
+      "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+#define CLOBBER_XMM16_31                                                                      \
+  "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25",   \
+      "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31"
+#define CLOBBER_K "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"
+
+static void vec_round_sse(const struct vecregs *in, struct vecregs *out, int zinit)
 {
-  __asm__ volatile("vmovdqu (%0), %%ymm7\n\t"
-                   "mov $24, %%eax\n\t"
-                   "syscall\n\t"
-                   "vmovdqu %%ymm7, (%1)\n\t"
+  (void)zinit;
+  __asm__ volatile(CTL_LOAD R16(LD_XMM) YIELD BREAK_X R16(ST_XMM) CTL_STORE
                    :
                    : "r"(in), "r"(out)
-                   : "rax", "rcx", "r11", "memory", "xmm7");
-  return memcmp(in, out, 32) != 0;
+                   : CLOBBER_SYSCALL, CLOBBER_XMM0_15);
 }
 
-__attribute__((target("avx512f,avx512vl"))) static int vec_round_avx512(const uint64_t *in,
-                                                                         uint64_t *out)
+__attribute__((target("avx"))) static void vec_round_avx(const struct vecregs *in,
+                                                         struct vecregs *out, int zinit)
 {
-  __asm__ volatile("vmovdqu64 (%0), %%zmm16\n\t"
-                   "mov $24, %%eax\n\t"
-                   "syscall\n\t"
-                   "vmovdqu64 %%zmm16, (%1)\n\t"
+  __asm__ volatile(CTL_LOAD R16(LD_YMM) VZU_IF_ZINIT YIELD BREAK_Y R16(ST_YMM) CTL_STORE
+                   "vzeroupper\n\t"
                    :
-                   : "r"(in), "r"(out)
-                   : "rax", "rcx", "r11", "memory", "xmm16");
-  return memcmp(in, out, 64) != 0;
+                   : "r"(in), "r"(out), "r"(zinit)
+                   : CLOBBER_SYSCALL, CLOBBER_XMM0_15);
 }
 
-static int vec_round_sse(const uint64_t *in, uint64_t *out)
+__attribute__((target("avx512f"))) static void vec_round_avx512_kw(const struct vecregs *in,
+                                                                   struct vecregs *out, int zinit)
 {
-  __asm__ volatile("movdqu (%0), %%xmm7\n\t"
-                   "mov $24, %%eax\n\t"
-                   "syscall\n\t"
-                   "movdqu %%xmm7, (%1)\n\t"
+  __asm__ volatile(CTL_LOAD R16(LD_ZMM) R16_31(LD_ZMM) R8(LD_KW) VZU_IF_ZINIT YIELD BREAK_Z
+                   R16(ST_ZMM) R16_31(ST_ZMM) R8(ST_KW) CTL_STORE "vzeroupper\n\t"
                    :
-                   : "r"(in), "r"(out)
-                   : "rax", "rcx", "r11", "memory", "xmm7");
-  return memcmp(in, out, 16) != 0;
+                   : "r"(in), "r"(out), "r"(zinit)
+                   : CLOBBER_SYSCALL, CLOBBER_XMM0_15, CLOBBER_XMM16_31, CLOBBER_K);
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void vec_round_avx512_kq(
+    const struct vecregs *in, struct vecregs *out, int zinit)
+{
+  __asm__ volatile(CTL_LOAD R16(LD_ZMM) R16_31(LD_ZMM) R8(LD_KQ) VZU_IF_ZINIT YIELD BREAK_Z
+                   R16(ST_ZMM) R16_31(ST_ZMM) R8(ST_KQ) CTL_STORE "vzeroupper\n\t"
+                   :
+                   : "r"(in), "r"(out), "r"(zinit)
+                   : CLOBBER_SYSCALL, CLOBBER_XMM0_15, CLOBBER_XMM16_31, CLOBBER_K);
+}
+
+/* What the CPU has and the OS enabled; sets vec_cover, vec_kmask, vec_round. */
+static void vec_detect(unsigned *ecx1, unsigned *ebx7, uint64_t *xcr0)
+{
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  *ecx1 = *ebx7 = 0;
+  *xcr0 = 0;
+  if (__get_cpuid(1, &a, &b, &c, &d)) *ecx1 = c;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) *ebx7 = b;
+  if (*ecx1 & (1u << 27)) { /* OSXSAVE: XGETBV is there */
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    *xcr0 = (uint64_t)hi << 32 | lo;
+  }
+  int avx = (*ecx1 & (1u << 28)) && (*xcr0 & 0x6) == 0x6;
+  int avx512 = avx && (*ebx7 & (1u << 16)) && (*xcr0 & 0xe0) == 0xe0;
+  int bw = avx512 && (*ebx7 & (1u << 30));
+  vec_cover = V_XMM | V_X87CW | V_MXCSR;
+  vec_kmask = 0;
+  vec_round = vec_round_sse;
+  if (avx) {
+    vec_cover |= V_YMMHI;
+    vec_round = vec_round_avx;
+  }
+  if (avx512) {
+    vec_cover |= V_ZMMHI | V_HI16 | V_K;
+    vec_kmask = bw ? UINT64_MAX : 0xffff;
+    vec_round = bw ? vec_round_avx512_kq : vec_round_avx512_kw;
+  }
+}
+
+/* The pattern of (thread, round); zinit: zero upper halves, zmm16-31 and masks. */
+static void vec_fill(struct vecregs *in, int idx, uint64_t round, int zinit)
+{
+  uint64_t x = mix64(((uint64_t)idx << 40) ^ round) | 1;
+  for (int r = 0; r < 32; r++)
+    for (int q = 0; q < 8; q++) {
+      uint64_t v = xorshift64(&x);
+      in->z[r][q] = zinit && (r >= 16 || q >= 2) ? 0 : v;
+    }
+  for (int j = 0; j < 8; j++) {
+    uint64_t v = xorshift64(&x) & vec_kmask;
+    in->k[j] = zinit ? 0 : v;
+  }
+  uint64_t f = xorshift64(&x);
+  /* MXCSR: flags (bits 0-5) from the pattern, all exceptions masked (7-12), rounding 1-3,
+   * flush-to-zero every other pair of rounds. */
+  in->mxcsr = (uint32_t)((f & 0x3f) | 0x1f80 | (1 + round % 3) << 13 | ((round >> 1) & 1) << 15);
+  /* x87: all exceptions masked (bits 0-5, reserved bit 6 set as after FNINIT), precision
+   * single/double/extended (0, 2, 3), rounding 1-3. */
+  static const unsigned pc[3] = {0, 2, 3};
+  in->fcw = (uint16_t)(0x7f | pc[(round / 3) % 3] << 8 | (1 + (round + 1) % 3) << 10);
+}
+
+/* Compares what came back; returns the number of registers that differ (reporting the first
+ * few of this thread). */
+static uint64_t vec_compare(const struct vecregs *in, const struct vecregs *out, int idx,
+                            uint64_t round, uint64_t bad_before)
+{
+  static const struct {
+    unsigned cover;
+    int r0, r1, q0, q1; /* registers r0..r1, qwords q0..q1-1 */
+    const char *pre, *suf;
+  } parts[] = {
+      {V_XMM, 0, 15, 0, 2, "xmm", ""},
+      {V_YMMHI, 0, 15, 2, 4, "ymm", "[255:128]"},
+      {V_ZMMHI, 0, 15, 4, 8, "zmm", "[511:256]"},
+      {V_HI16, 16, 31, 0, 8, "zmm", ""},
+  };
+  uint64_t bad = 0;
+  for (size_t p = 0; p < sizeof parts / sizeof parts[0]; p++) {
+    if (!(vec_cover & parts[p].cover)) continue;
+    for (int r = parts[p].r0; r <= parts[p].r1; r++)
+      for (int q = parts[p].q0; q < parts[p].q1; q++)
+        if (in->z[r][q] != out->z[r][q]) {
+          if (bad_before + bad++ < 3)
+            printf("ssi-check: MISMATCH vector: thread %d cpu %d round %" PRIu64 ": %s%d%s qword %d"
+                   " = %#" PRIx64 ", want %#" PRIx64 "\n",
+                   idx, vec_t[idx].cpu, round, parts[p].pre, r, parts[p].suf, q, out->z[r][q],
+                   in->z[r][q]);
+          break;
+        }
+  }
+  if (vec_cover & V_K)
+    for (int j = 0; j < 8; j++)
+      if ((out->k[j] & vec_kmask) != in->k[j] && bad_before + bad++ < 3)
+        printf("ssi-check: MISMATCH vector: thread %d cpu %d round %" PRIu64 ": k%d = %#" PRIx64
+               ", want %#" PRIx64 "\n",
+               idx, vec_t[idx].cpu, round, j, out->k[j] & vec_kmask, in->k[j]);
+  if (out->mxcsr != in->mxcsr && bad_before + bad++ < 3)
+    printf("ssi-check: MISMATCH vector: thread %d cpu %d round %" PRIu64
+           ": mxcsr = %#x, want %#x\n",
+           idx, vec_t[idx].cpu, round, out->mxcsr, in->mxcsr);
+  if (out->fcw != in->fcw && bad_before + bad++ < 3)
+    printf("ssi-check: MISMATCH vector: thread %d cpu %d round %" PRIu64
+           ": x87 control word = %#x, want %#x\n",
+           idx, vec_t[idx].cpu, round, out->fcw, in->fcw);
+  return bad;
 }
 
 static void *vec_main(void *arg)
 {
   int idx = (int)(intptr_t)arg;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpulist[(idx / 2) % ncpulist], &set);
-  sched_setaffinity(0, sizeof set, &set);
-  uint64_t in[8] __attribute__((aligned(64))), out[8] __attribute__((aligned(64)));
-  uint64_t x = 0x9e3779b97f4a7c15ULL * (uint64_t)(idx + 1);
-  while (!vec_stop) {
-    for (int k = 0; k < 8; k++) {
-      x ^= x << 13;
-      x ^= x >> 7;
-      x ^= x << 17;
-      in[k] = x;
-    }
-    int bad = vec_kind == 2   ? vec_round_avx512(in, out)
-              : vec_kind == 1 ? vec_round_avx2(in, out)
-                              : vec_round_sse(in, out);
-    vec_rounds[idx]++;
-    if (bad && vec_bad[idx]++ < 3)
-      printf("ssi-check: MISMATCH vector: thread %d round %" PRIu64 ": %#" PRIx64
-             " came back as %#" PRIx64 "\n",
-             idx, vec_rounds[idx], in[0], out[0]);
-  }
+  struct vec_thread *t = &vec_t[idx];
+  t->pin_ok = pin_to(t->cpu);
+  struct vecregs in, out;
+  memset(&out, 0, sizeof out);
+  uint64_t round = 0;
+  do { /* at least one round */
+    int zinit = round % 8 == 7;
+    vec_fill(&in, idx, round, zinit);
+    vec_round(&in, &out, zinit);
+    uint64_t b = vec_compare(&in, &out, idx, round, peek(&t->bad));
+    round++;
+    count(&t->rounds, 1);
+    if (b) count(&t->bad, b);
+  } while (!stopped());
+  mode_thread_done();
   return NULL;
 }
 
 static int vector_check(double secs)
 {
-  __builtin_cpu_init();
-  vec_kind = __builtin_cpu_supports("avx512vl") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
-  int n = 2 * ncpulist;
+  unsigned ecx1, ebx7;
+  uint64_t xcr0;
+  vec_detect(&ecx1, &ebx7, &xcr0);
+  char covers[96] = "";
+  for (size_t b = 0; b < sizeof vec_names / sizeof vec_names[0]; b++)
+    if (vec_cover & (1u << b))
+      snprintf(covers + strlen(covers), sizeof covers - strlen(covers), "%s%s", *covers ? "," : "",
+               vec_names[b]);
+  printf("ssi-check: vector: cpuid.1:ecx=%#x cpuid.7.0:ebx=%#x xcr0=%#" PRIx64 " kmask=%#" PRIx64
+#ifdef BREAK_VECTOR
+         " BREAK_VECTOR"
+#endif
+         "\n",
+         ecx1, ebx7, xcr0, vec_kmask);
+  printf("ssi-check: vector covers");
+  for (size_t b = 0; b < sizeof vec_names / sizeof vec_names[0]; b++)
+    if (vec_cover & (1u << b)) printf(" %s", vec_names[b]);
+  printf("\n");
+
+  int n = 2 * ncpulist, rc = 0;
   if (n > 2 * MAX_THREADS) n = 2 * MAX_THREADS;
-  pthread_t t[2 * MAX_THREADS];
-  for (int i = 0; i < n; i++) pthread_create(&t[i], NULL, vec_main, (void *)(intptr_t)i);
-  struct timespec d = {(time_t)secs, (long)((secs - (double)(time_t)secs) * 1e9)};
-  nanosleep(&d, NULL);
-  vec_stop = 1;
+  static pthread_t tids[2 * MAX_THREADS];
+  vec_t = map_pages(sizeof *vec_t * (size_t)n, "vector threads");
+  double t0 = now();
+  for (int i = 0; i < n; i++) {
+    vec_t[i].cpu = cpulist[(i / 2) % ncpulist];
+    int e = pthread_create(&tids[i], NULL, vec_main, (void *)(intptr_t)i);
+    if (e) {
+      printf("ssi-check: vector: pthread_create %d: %s\n", i, strerror(e));
+      n = i;
+      rc = 2;
+      break;
+    }
+  }
+  int finished = mode_wait(t0, secs, n);
   uint64_t rounds = 0, bad = 0;
   for (int i = 0; i < n; i++) {
-    pthread_join(t[i], NULL);
-    rounds += vec_rounds[i];
-    bad += vec_bad[i];
+    rounds += peek(&vec_t[i].rounds);
+    bad += peek(&vec_t[i].bad);
+  }
+  if (finished < n) {
+    printf("ssi-check: vector: TIMEOUT: %d/%d threads finished after %.1f s\n", finished, n,
+           now() - t0);
+    bad += (uint64_t)(n - finished);
+  } else {
+    for (int i = 0; i < n; i++) {
+      pthread_join(tids[i], NULL);
+      if (!vec_t[i].pin_ok) printf("ssi-check: vector: thread %d: pinned=no\n", i);
+    }
   }
   printf("SSI-CHECK-VECTOR: registers=%s threads=%d rounds=%" PRIu64 " mismatches=%" PRIu64 "\n",
-         vec_kind == 2 ? "zmm16" : vec_kind == 1 ? "ymm7" : "xmm7", n, rounds, bad);
-  return bad ? 1 : 0;
+         covers, n, rounds, bad);
+  if (finished < n) {
+    fflush(stdout);
+    _exit(1);
+  }
+  return rc ? rc : bad || rounds == 0 ? 1 : 0;
 }
 
 /* ---- TLB shootdowns (--tlb S) --------------------------------------------------------------- */
 
-/* Thread 0 flips a shared page between read-write and read-only with mprotect() and rewrites
- * it, while the other threads (pinned to the other CPUs, so the mm is live there) keep reading
- * it. Each downgrade must flush the other CPUs' TLBs: the kernel sends TLB-shootdown IPIs and
- * waits for them, so a lost IPI hangs the guest (the watchdog of this mode reports it). Readers
- * check that what they read is a value the writer stored (a generation number and its
- * complement). */
+/* A writer thread on the first CPU flips one page between read-write and read-only with
+ * mprotect(), as fast as the readers (one per other CPU, pinned, so the mm is live there)
+ * acknowledge, without sleeping. The generation counts the steps, even = read-write, odd =
+ * read-only; the writer publishes it (release) after mprotect() has returned, i.e. after the
+ * kernel's TLB shootdown has completed on every CPU.
+ *   even  the writer stores a new pair v, ~v in words 0 and 1; every reader writes its own
+ *         slot of the page (so its CPU caches a writable translation) and acknowledges the
+ *         generation. Once all have: mprotect(PROT_READ), the next (odd) generation.
+ *   odd   every reader tries a write to its slot (a probe), which must fault: the SIGSEGV is
+ *         caught (per-thread sigsetjmp/siglongjmp). A probe that lands went through a stale
+ *         writable TLB entry: the shootdown missed that CPU. The writer checks words 0 and 1
+ *         still hold its last pair. Once all readers have acknowledged:
+ *         mprotect(PROT_READ|PROT_WRITE), the next even generation; the writer stops there
+ *         after the mode's time (at least one flip).
+ * All the time the readers also read words 0 and 1 and check that the pair is not torn (v
+ * with the complement of an older v). With one CPU the writer probes itself. A write that
+ * faults in an even generation is a mismatch too. Shootdown IPIs are waited for: a lost one
+ * hangs mprotect(), a reader that stops acknowledging stops the writer; either way the
+ * watchdog (--watchdog) ends the run with a TIMEOUT line. System calls in the loops: the
+ * writer's mprotect()s, the probes' faults and signals, and sched_yield() after a long wait. */
+#define TLB_SLOT0 8 /* words 0 and 1: the writer's pair; readers' slots from word 8 on */
+static struct {
+  uint64_t gen __attribute__((aligned(PAGE))); /* writer -> readers, own page */
+  uint32_t finish;                             /* the writer has stopped */
+} tlbc __attribute__((aligned(PAGE)));
+struct tlb_ack { /* reader -> writer: the last generation handled; one page each */
+  uint64_t gen;
+} __attribute__((aligned(PAGE)));
+struct tlb_thread { /* statistics, one page each */
+  uint64_t reads, probes, faults, landed, flips;
+  uint64_t bad; /* torn pairs, writes that faulted in even generations, bad pair read back */
+  int cpu, pin_ok;
+} __attribute__((aligned(PAGE)));
+static struct tlb_ack *tlb_acks;
+static struct tlb_thread *tlb_t;
 static volatile uint64_t *tlb_page;
-static volatile int tlb_stop;
-static uint64_t tlb_reads[MAX_THREADS], tlb_bad[MAX_THREADS];
+static int tlb_n, tlb_err;
+static _Thread_local sigjmp_buf tlb_jmp;
+static _Thread_local volatile sig_atomic_t tlb_armed;
+
+static void tlb_segv(int sig, siginfo_t *si, void *uc)
+{
+  (void)uc;
+  uintptr_t a = (uintptr_t)si->si_addr, p = (uintptr_t)tlb_page;
+  if (tlb_armed && a >= p && a < p + PAGE) {
+    tlb_armed = 0;
+    siglongjmp(tlb_jmp, 1); /* SA_NODEFER: SIGSEGV is not blocked, no mask to restore */
+  }
+  signal(sig, SIG_DFL); /* a real crash: the instruction faults again and kills us */
+}
+
+/* Stores v to *p; returns 1 if that faulted (SIGSEGV caught), 0 if the store landed. */
+static __attribute__((noinline)) int tlb_try_write(volatile uint64_t *p, uint64_t v)
+{
+  if (sigsetjmp(tlb_jmp, 0)) return 1;
+  tlb_armed = 1;
+  *p = v;
+  tlb_armed = 0;
+  return 0;
+}
+
+static inline int tlb_may_report(struct tlb_thread *t)
+{
+  return peek(&t->landed) + peek(&t->bad) < 3;
+}
+
+/* Probe: the page is read-only (generation gen), a write must fault. */
+static void tlb_probe(struct tlb_thread *t, int idx, volatile uint64_t *slot, uint64_t gen)
+{
+  count(&t->probes, 1);
+  if (tlb_try_write(slot, gen)) {
+    count(&t->faults, 1);
+    return;
+  }
+  if (tlb_may_report(t))
+    printf("ssi-check: MISMATCH tlb: thread %d cpu %d: a write landed in generation %" PRIu64
+           " (page read-only): stale writable TLB entry, the shootdown missed this CPU\n",
+           idx, t->cpu, gen);
+  count(&t->landed, 1);
+}
 
 static void *tlb_reader(void *arg)
 {
   int idx = (int)(intptr_t)arg;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpulist[idx % ncpulist], &set);
-  sched_setaffinity(0, sizeof set, &set);
-  while (!tlb_stop) {
-    uint64_t g = __atomic_load_n(&tlb_page[0], __ATOMIC_ACQUIRE);
+  struct tlb_thread *t = &tlb_t[idx];
+  t->pin_ok = pin_to(t->cpu);
+  volatile uint64_t *slot = &tlb_page[TLB_SLOT0 + (idx - 1) % (PAGE / 8 - TLB_SLOT0)];
+  uint64_t seen = UINT64_MAX;
+  for (;;) {
+    uint64_t g = __atomic_load_n(&tlbc.gen, __ATOMIC_ACQUIRE);
+    if (g != seen) {
+      if (g & 1) {
+        tlb_probe(t, idx, slot, g);
+      } else if (tlb_try_write(slot, g)) {
+        if (tlb_may_report(t))
+          printf("ssi-check: MISMATCH tlb: thread %d cpu %d: a write faulted in generation %" PRIu64
+                 " (page read-write)\n",
+                 idx, t->cpu, g);
+        count(&t->bad, 1);
+      }
+      seen = g;
+      __atomic_store_n(&tlb_acks[idx].gen, g, __ATOMIC_RELEASE);
+    }
+    uint64_t v = __atomic_load_n(&tlb_page[0], __ATOMIC_ACQUIRE);
     uint64_t c = __atomic_load_n(&tlb_page[1], __ATOMIC_ACQUIRE);
-    /* The writer stores [1] = ~g before [0] = g (release), so ~c >= g always holds. */
-    if (~c < g && tlb_bad[idx]++ < 3)
-      printf("ssi-check: MISMATCH tlb: thread %d read generation %" PRIu64 " with complement of %"
-             PRIu64 "\n", idx, g, ~c);
-    tlb_reads[idx]++;
+    if (~c < v) { /* the writer stores ~v before v, so ~c >= v always holds */
+      if (tlb_may_report(t))
+        printf("ssi-check: MISMATCH tlb: thread %d cpu %d: read v=%" PRIu64
+               " with the complement of %" PRIu64 "\n",
+               idx, t->cpu, v, ~c);
+      count(&t->bad, 1);
+    }
+    count(&t->reads, 1);
+    if (__atomic_load_n(&tlbc.finish, __ATOMIC_ACQUIRE)) break;
   }
+  mode_thread_done();
+  return NULL;
+}
+
+/* Writer: wait until every reader has acknowledged generation gen. */
+static void tlb_wait_acks(uint64_t gen)
+{
+  for (int i = 1; i < tlb_n; i++) {
+    unsigned spins = 0;
+    while (__atomic_load_n(&tlb_acks[i].gen, __ATOMIC_ACQUIRE) != gen) {
+      cpu_relax();
+      if (++spins >= 100000) { /* that reader is not running (its CPU busy elsewhere?) */
+        sched_yield();
+        spins = 0;
+      }
+    }
+  }
+}
+
+static void *tlb_writer(void *arg)
+{
+  (void)arg;
+  struct tlb_thread *t = &tlb_t[0];
+  t->pin_ok = pin_to(t->cpu);
+  void *page = (void *)tlb_page;
+  uint64_t gen = 0, v = 0;
+  for (;;) {
+    /* read-write (gen even) */
+    v++;
+    __atomic_store_n(&tlb_page[1], ~v, __ATOMIC_RELEASE);
+    __atomic_store_n(&tlb_page[0], v, __ATOMIC_RELEASE);
+    tlb_wait_acks(gen);
+#ifndef BREAK_TLB
+    if (mprotect(page, PAGE, PROT_READ) != 0) {
+      tlb_err = errno;
+      break;
+    }
+#endif /* BREAK_TLB: the page stays writable while the generation says read-only */
+    count(&t->flips, 1);
+    __atomic_store_n(&tlbc.gen, ++gen, __ATOMIC_RELEASE);
+    /* read-only (gen odd) */
+    uint64_t g = tlb_page[0], c = tlb_page[1];
+    if (g != v || c != ~v) {
+      if (tlb_may_report(t))
+        printf("ssi-check: MISMATCH tlb: thread 0 cpu %d: after mprotect(PROT_READ) words 0/1 are"
+               " %#" PRIx64 "/%#" PRIx64 ", want %#" PRIx64 "/%#" PRIx64 "\n",
+               t->cpu, g, c, v, ~v);
+      count(&t->bad, 1);
+    }
+    count(&t->reads, 1);
+    if (tlb_n == 1) tlb_probe(t, 0, &tlb_page[TLB_SLOT0], gen);
+    tlb_wait_acks(gen);
+    if (mprotect(page, PAGE, PROT_READ | PROT_WRITE) != 0) {
+      tlb_err = errno;
+      break;
+    }
+    __atomic_store_n(&tlbc.gen, ++gen, __ATOMIC_RELEASE);
+    if (stopped()) break;
+  }
+  __atomic_store_n(&tlbc.finish, 1, __ATOMIC_RELEASE);
+  mode_thread_done();
   return NULL;
 }
 
 static int tlb_check(double secs)
 {
-  void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return 2;
-  tlb_page = p;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpulist[0], &set);
-  sched_setaffinity(0, sizeof set, &set);
-  int n = ncpulist < MAX_THREADS ? ncpulist : MAX_THREADS;
-  pthread_t t[MAX_THREADS];
-  for (int i = 1; i < n; i++) pthread_create(&t[i], NULL, tlb_reader, (void *)(intptr_t)i);
-  struct timespec start, now;
-  clock_gettime(CLOCK_MONOTONIC, &start);
-  uint64_t gen = 0, flips = 0;
-  int rc = 0;
-  for (;;) {
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    if ((double)(now.tv_sec - start.tv_sec) + (double)(now.tv_nsec - start.tv_nsec) / 1e9 > secs)
-      break;
-    gen++;
-    __atomic_store_n(&tlb_page[1], ~gen, __ATOMIC_RELEASE);
-    __atomic_store_n(&tlb_page[0], gen, __ATOMIC_RELEASE);
-    if (mprotect(p, 4096, PROT_READ) != 0 || mprotect(p, 4096, PROT_READ | PROT_WRITE) != 0) {
+  int n = ncpulist < MAX_THREADS ? ncpulist : MAX_THREADS, rc = 0;
+  printf("ssi-check: tlb: cpus=%d seconds=%g watchdog=%g"
+#ifdef BREAK_TLB
+         " BREAK_TLB"
+#endif
+         "\n",
+         n, secs, watchdog_s);
+  tlb_page = map_pages(PAGE, "the tlb page");
+  tlb_acks = map_pages(sizeof *tlb_acks * (size_t)n, "tlb acknowledgements");
+  tlb_t = map_pages(sizeof *tlb_t * (size_t)n, "tlb threads");
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = tlb_segv;
+  sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(SIGSEGV, &sa, NULL) != 0) {
+    printf("ssi-check: tlb: sigaction: %s\n", strerror(errno));
+    return 2;
+  }
+  static pthread_t tids[MAX_THREADS];
+  for (int i = 0; i < n; i++) {
+    tlb_acks[i].gen = UINT64_MAX;
+    tlb_t[i].cpu = cpulist[i % ncpulist];
+  }
+  double t0 = now();
+  /* Readers first: the writer waits for as many as were started (tlb_n). */
+  tlb_n = n;
+  for (int i = 1; i < n; i++) {
+    int e = pthread_create(&tids[i], NULL, tlb_reader, (void *)(intptr_t)i);
+    if (e) {
+      printf("ssi-check: tlb: pthread_create %d: %s\n", i, strerror(e));
+      tlb_n = n = i;
       rc = 2;
       break;
     }
-    flips++;
   }
-  tlb_stop = 1;
-  uint64_t reads = 0, bad = 0;
-  for (int i = 1; i < n; i++) {
-    pthread_join(t[i], NULL);
-    reads += tlb_reads[i];
-    bad += tlb_bad[i];
+  int e = pthread_create(&tids[0], NULL, tlb_writer, NULL);
+  if (e) {
+    printf("ssi-check: tlb: pthread_create writer: %s\n", strerror(e));
+    printf("SSI-CHECK-TLB: cpus=%d flips=0 reads=0 probes=0 faults=0 mismatches=0\n", n);
+    fflush(stdout);
+    _exit(2);
   }
-  printf("SSI-CHECK-TLB: cpus=%d flips=%" PRIu64 " reads=%" PRIu64 " mismatches=%" PRIu64 "\n", n,
-         flips, reads, bad);
-  return rc ? rc : bad ? 1 : 0;
+  /* The main thread waits on the last CPU, so it still gets to print TIMEOUT when the writer's
+   * CPU is stuck in the kernel (a lost shootdown IPI). */
+  if (n > 1) pin_to(cpulist[n - 1]);
+  int finished = mode_wait(t0, secs, n);
+  uint64_t flips = peek(&tlb_t[0].flips), reads = 0, probes = 0, faults = 0, bad = 0;
+  for (int i = 0; i < n; i++) {
+    reads += peek(&tlb_t[i].reads);
+    probes += peek(&tlb_t[i].probes);
+    faults += peek(&tlb_t[i].faults);
+    bad += peek(&tlb_t[i].bad);
+  }
+  /* Every probe must fault: the ones that landed are mismatches. */
+  bad += probes > faults ? probes - faults : faults - probes;
+  if (finished < n) {
+    uint64_t gen = __atomic_load_n(&tlbc.gen, __ATOMIC_ACQUIRE);
+    printf("ssi-check: tlb: TIMEOUT: %d/%d threads finished after %.1f s; generation %" PRIu64
+           " (%s)",
+           finished, n, now() - t0, gen, gen & 1 ? "read-only" : "read-write");
+    int shown = 0;
+    for (int i = 1; i < n; i++) {
+      uint64_t a = __atomic_load_n(&tlb_acks[i].gen, __ATOMIC_ACQUIRE);
+      if (a != gen && shown++ < 8)
+        printf("%s thread %d cpu %d at %" PRId64, shown == 1 ? ", not acknowledged by:" : ",", i,
+               tlb_t[i].cpu, (int64_t)a);
+    }
+    printf("\n");
+    bad += (uint64_t)(n - finished);
+  } else {
+    for (int i = 0; i < n; i++) {
+      pthread_join(tids[i], NULL);
+      struct tlb_thread *t = &tlb_t[i];
+      printf("ssi-check: tlb: thread %d (%s): cpu=%d pinned=%s reads=%" PRIu64 " probes=%" PRIu64
+             " faults=%" PRIu64 " landed=%" PRIu64 " other-mismatches=%" PRIu64 "\n",
+             i, i ? "reader" : "writer", t->cpu, t->pin_ok ? "yes" : "no", t->reads, t->probes,
+             t->faults, t->landed, t->bad);
+    }
+    if (tlb_err) {
+      printf("ssi-check: tlb: mprotect: %s\n", strerror(tlb_err));
+      rc = 2;
+    }
+  }
+  printf("SSI-CHECK-TLB: cpus=%d flips=%" PRIu64 " reads=%" PRIu64 " probes=%" PRIu64
+         " faults=%" PRIu64 " mismatches=%" PRIu64 "\n",
+         n, flips, reads, probes, faults, bad);
+  if (finished < n) {
+    fflush(stdout);
+    _exit(1);
+  }
+  return rc ? rc : bad || flips == 0 || reads == 0 ? 1 : 0;
 }
 
 int main(int argc, char **argv)
@@ -846,6 +1342,10 @@ int main(int argc, char **argv)
       if (CPU_ISSET(c, &allowed)) cpulist[ncpulist++] = c;
   if (ncpulist == 0)
     for (; ncpulist < ncpus && ncpulist < CPU_SETSIZE; ncpulist++) cpulist[ncpulist] = ncpulist;
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&done_cv, &ca);
   if (vector_s > 0) return vector_check(vector_s);
   if (tlb_s > 0) return tlb_check(tlb_s);
 
@@ -879,10 +1379,6 @@ int main(int argc, char **argv)
     membuf = map_pages(mem_pages * PAGE, "memory phase");
   }
 
-  pthread_condattr_t ca;
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&done_cv, &ca);
   pthread_barrier_init(&start_bar, NULL, (unsigned)nthreads + 1);
   pthread_barrier_init(&mem_bar, NULL, (unsigned)nthreads);
 

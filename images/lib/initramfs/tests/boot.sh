@@ -20,6 +20,6 @@ while [ "$cpu" -lt "$n" ]; do
   cpu=$((cpu + 1))
 done
 # User vector registers (AVX-512 where the CPU has it) must survive context switches.
-if [ -x /bin/ssi-check ]; then /bin/ssi-check --vector 3 || fail=1; fi
+if [ -x /bin/ssi-check ]; then /bin/ssi-check --vector 3 --watchdog 120 || fail=1; fi
 if [ "$fail" -eq 0 ]; then echo "SSI-VMM-BOOT-OK"; else echo "SSI-VMM-BOOT-FAILED"; fi
 exit "$fail"

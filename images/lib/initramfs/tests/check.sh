@@ -6,8 +6,12 @@
 #   ssi.check_seconds=S  time budget of the phases (default 20)
 #   ssi.check_mem=MB     memory phase buffer in MiB (default 64; 0 skips the phase)
 #   ssi.check_mem_own=1  each worker verifies only its own share of that buffer
-# First, 5 s of `ssi-check --vector` (vector registers across context switches) and 5 s of
-# `ssi-check --tlb` (mprotect() flips that need TLB-shootdown IPIs to the other CPUs).
+# First, 5 s of `ssi-check --vector` (all user vector/FPU register state the CPU has across
+# context switches) and 5 s of `ssi-check --tlb` (mprotect() flips whose TLB shootdowns must
+# reach the other CPUs: their writes to the page must fault after every downgrade), each with
+# a 120 s watchdog. Their result lines (SSI-CHECK-VECTOR: / SSI-CHECK-TLB:, printed by
+# ssi-check also on mismatches and TIMEOUT) come before SSI-VMM-CHECK-FAILED=vector / =tlb
+# (exit 1), which ends the test.
 #   ssi.check_aggr=MB    afterwards, a second run with only the memory phase over MB MiB,
 #                        each worker on its own share (memory aggregation across hosts);
 #                        its result line starts with "SSI-CHECK-AGGR:"
@@ -32,10 +36,17 @@ if [ ! -x /bin/ssi-check ]; then
   exit 127
 fi
 echo "SSI-VMM-NPROC=$(nproc)"
+# mode_failed NAME RC: ssi-check printed its result line (unless it was killed); the verdict.
+mode_failed() {
+  echo "check: ssi-check --$1 failed with exit status $2"
+  echo "SSI-VMM-CHECK-FAILED=$1"
+  exit 1
+}
 # Vector registers must survive context switches (see ssi-check --vector).
-/bin/ssi-check --vector 5 || { echo "SSI-VMM-CHECK-FAILED=vector"; exit 1; }
-# TLB shootdowns across CPUs (hosts): mprotect() flips while other CPUs read the page.
-/bin/ssi-check --tlb 5 || { echo "SSI-VMM-CHECK-FAILED=tlb"; exit 1; }
+/bin/ssi-check --vector 5 --watchdog 120 || mode_failed vector $?
+# TLB shootdowns across CPUs (hosts): after each mprotect(PROT_READ), writes from the other
+# CPUs must fault; a lost shootdown IPI hangs the writer (the watchdog reports TIMEOUT).
+/bin/ssi-check --tlb 5 --watchdog 120 || mode_failed tlb $?
 echo "check: running ssi-check --seconds $secs --mem $mem --mem-own $own"
 /bin/ssi-check --seconds "$secs" --mem "$mem" --mem-own "$own" --watchdog 1800
 rc=$?
