@@ -149,7 +149,12 @@ struct Inner {
     ram: Arc<GuestRam>,
     uffd: Arc<Uffd>,
     on_discard: Arc<OnceLock<DiscardHook>>,
+    /// Tells whether the VM is stopping (peers going away is then expected).
+    stopping: OnceLock<StoppingProbe>,
 }
+
+/// Answers whether the VM is stopping (see [`DsmMemory::set_stopping_probe`]).
+pub type StoppingProbe = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl Inner {
     fn engine(&self) -> MutexGuard<'_, RealEngine> {
@@ -186,7 +191,8 @@ impl Handler for Inner {
     }
     fn on_peer_event(&self, event: &PeerEvent) {
         if let PeerEvent::Down { peer, reason } = event {
-            self.engine().on_peer_down(*peer, reason);
+            let expected = self.stopping.get().is_some_and(|p| p());
+            self.engine().on_peer_down(*peer, reason, expected);
         }
     }
 }
@@ -274,6 +280,7 @@ impl DsmMemory {
             ram,
             uffd,
             on_discard,
+            stopping: OnceLock::new(),
         });
         // SAFETY: plain syscall; the result is checked and owned below.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -366,6 +373,12 @@ impl DsmMemory {
     /// The hook runs under the DSM lock: it must be quick and must not touch guest RAM.
     pub fn set_discard_hook(&self, hook: DiscardHook) {
         let _ = self.inner.on_discard.set(hook);
+    }
+
+    /// Installs (once) the probe that tells whether the VM is stopping: a peer that goes away
+    /// then is an expected part of the stop (logged at info), not a failure.
+    pub fn set_stopping_probe(&self, probe: StoppingProbe) {
+        let _ = self.inner.stopping.set(probe);
     }
 
     /// The live counters, for a reporter thread.

@@ -319,6 +319,11 @@ pub fn run_on(
         }
         _ => None,
     };
+    if let Some(d) = &dsm {
+        // Hosts leave once the VM stops: a peer going away then is no failure.
+        let s = stop.clone();
+        d.set_stopping_probe(Box::new(move || s.stopped()));
+    }
     let mut io_server = None::<std::sync::mpsc::Receiver<fabric::IoWork>>;
     let mut io_counters = None;
     let status = Arc::new(Mutex::new(BTreeMap::new()));

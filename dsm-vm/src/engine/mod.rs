@@ -346,11 +346,18 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         self.pump();
     }
 
-    /// A peer died: nothing can complete that needs it. Reported loudly; the VMM stops the VM.
-    pub(crate) fn on_peer_down(&mut self, peer: HostId, reason: &str) {
+    /// A peer died: nothing can complete that needs it. Reported loudly unless `expected` (the
+    /// VM is stopping and the hosts are leaving); the VMM stops the VM.
+    pub(crate) fn on_peer_down(&mut self, peer: HostId, reason: &str, expected: bool) {
         Stats::add(&self.stats.peer_downs, 1);
         let homed = self.dir.len();
-        error!(
+        let level = if expected {
+            log::Level::Info
+        } else {
+            log::Level::Error
+        };
+        log::log!(
+            level,
             "dsm {}: {peer} is down ({reason}); its pages are unreachable, {} requests \
              outstanding, {homed} directory entries here",
             self.me,
