@@ -7,7 +7,7 @@
 #   ssi.check_mem=MB     memory phase buffer in MiB (default 64; 0 skips the phase)
 #   ssi.check_mem_own=1  each worker verifies only its own share of that buffer
 # First, 5 s of `ssi-check --vector` (all user vector/FPU register state the CPU has across
-# context switches) and 5 s of `ssi-check --tlb` (mprotect() flips whose TLB shootdowns must
+# context switches) and 15 s of `ssi-check --tlb` (mprotect() flips whose TLB shootdowns must
 # reach the other CPUs: their writes to the page must fault after every downgrade), each with
 # a 120 s watchdog. Their result lines (SSI-CHECK-VECTOR: / SSI-CHECK-TLB:, printed by
 # ssi-check also on mismatches and TIMEOUT) come before SSI-VMM-CHECK-FAILED=vector / =tlb
@@ -46,7 +46,7 @@ mode_failed() {
 /bin/ssi-check --vector 5 --watchdog 120 || mode_failed vector $?
 # TLB shootdowns across CPUs (hosts): after each mprotect(PROT_READ), writes from the other
 # CPUs must fault; a lost shootdown IPI hangs the writer (the watchdog reports TIMEOUT).
-/bin/ssi-check --tlb 5 --watchdog 120 || mode_failed tlb $?
+/bin/ssi-check --tlb 15 --watchdog 120 || mode_failed tlb $?
 echo "check: running ssi-check --seconds $secs --mem $mem --mem-own $own"
 /bin/ssi-check --seconds "$secs" --mem "$mem" --mem-own "$own" --watchdog 1800
 rc=$?
