@@ -9,11 +9,10 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use irqchip::{DeliveryMode, IrqChip, Message, Shorthand};
 use proto::{HostId, Service};
 use transport::{TcpConfig, TcpTransport, Transport};
 use vmm::cluster::fabric::{Fabric, VcpuService};
-use vmm::irq::lapic::{DeliveryMode, Message, Shorthand};
-use vmm::irq::IrqChip;
 
 const KEY: &[u8] = b"ipi bench cluster key 0123456789";
 

@@ -7,7 +7,8 @@
 //! - [`config`]: validated machine configuration.
 //! - [`layout`]: guest-physical memory map.
 //! - [`boot`]: kernel/initrd loading, zero page, ACPI, initial CPU state.
-//! - [`irq`]: userspace local APIC and IOAPIC.
+//! - [`irq`]: glue to the `irqchip` crate (userspace local APICs and IOAPIC): vCPU kicker,
+//!   device interrupt lines.
 //! - [`devices`]: serial, legacy ports, MMIO/PIO dispatch, virtio-mmio windows.
 //! - [`vcpu`]: the KVM_RUN loop, and [`vcpu::quirks`], fix-ups for emulating hosts.
 //! - [`vm`]: assembling and running a machine, alone or as one host of a cluster.

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::irq::lapic::LocalApic;
+use irqchip::LocalApic;
 
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use irqchip::IrqChip;
 use proto::HostId;
 use transport::Transport;
 
@@ -24,7 +25,7 @@ use crate::cluster::shadow::ShadowZap;
 use crate::cluster::{fabric, status, timesync, ClusterSpec, Fabric};
 use crate::config::VmConfig;
 use crate::devices::{serial, Devices};
-use crate::irq::{IrqChip, IrqLine};
+use crate::irq::IrqLine;
 use crate::layout::*;
 use crate::stats::Stats;
 use crate::stop::{StopReason, Stopper};

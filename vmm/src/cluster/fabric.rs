@@ -1,6 +1,6 @@
 //! The runtime links between the hosts of one machine.
 //!
-//! - Interrupt messages ([`crate::irq::RemoteIrq`]): an IPI or IOAPIC message that may target a
+//! - Interrupt messages ([`irqchip::RemoteIrq`]): an IPI or IOAPIC message that may target a
 //!   vCPU of another host is sent there as `Ipi` and matched against that host's own local
 //!   APICs (physical destinations go to the one host that has the vCPU; logical, broadcast and
 //!   shorthand destinations go to every other host). A lowest-priority message with a logical or
@@ -30,12 +30,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use irqchip::{DeliveryMode, IrqChip, RemoteIrq, Shorthand};
 use proto::{HostId, Message, Service, IPI_FROM_DEVICE, IPI_LOGICAL, IPI_X2APIC};
 use transport::{Handler, PeerEvent, Responder, Transport};
 
 use crate::devices::Devices;
-use crate::irq::lapic::{self, DeliveryMode, Shorthand};
-use crate::irq::{IrqChip, RemoteIrq};
 use crate::stop::{StopReason, Stopper};
 
 /// How long a forwarded I/O access may wait for its device host.
@@ -124,13 +123,8 @@ impl Fabric {
 }
 
 /// Encodes an APIC bus message for the wire.
-pub fn ipi_to_wire(msg: &lapic::Message, from: Option<usize>) -> Message {
-    let sh = match msg.shorthand {
-        Shorthand::None => 0,
-        Shorthand::SelfOnly => 1,
-        Shorthand::AllIncludingSelf => 2,
-        Shorthand::AllExcludingSelf => 3,
-    };
+pub fn ipi_to_wire(msg: &irqchip::Message, from: Option<usize>) -> Message {
+    let sh = msg.shorthand.to_bits();
     Message::Ipi {
         dest_apic: msg.dest,
         vector: msg.vector,
@@ -144,7 +138,7 @@ pub fn ipi_to_wire(msg: &lapic::Message, from: Option<usize>) -> Message {
 }
 
 /// Decodes a wire `Ipi` (None if it is not one or is out of range).
-pub fn ipi_from_wire(m: &Message) -> Option<(lapic::Message, Option<usize>)> {
+pub fn ipi_from_wire(m: &Message) -> Option<(irqchip::Message, Option<usize>)> {
     let Message::Ipi {
         dest_apic,
         vector,
@@ -156,13 +150,8 @@ pub fn ipi_from_wire(m: &Message) -> Option<(lapic::Message, Option<usize>)> {
     else {
         return None;
     };
-    let shorthand = match (flags >> 1) & 3 {
-        0 => Shorthand::None,
-        1 => Shorthand::SelfOnly,
-        2 => Shorthand::AllIncludingSelf,
-        _ => Shorthand::AllExcludingSelf,
-    };
-    let msg = lapic::Message {
+    let shorthand = Shorthand::from_bits(u32::from(flags >> 1));
+    let msg = irqchip::Message {
         vector: *vector,
         mode: DeliveryMode::from_bits(u32::from(*delivery)),
         level: *level,
@@ -180,7 +169,7 @@ pub fn ipi_from_wire(m: &Message) -> Option<(lapic::Message, Option<usize>)> {
 }
 
 impl RemoteIrq for Fabric {
-    fn send(&self, msg: &lapic::Message, from: Option<usize>) {
+    fn send(&self, msg: &irqchip::Message, from: Option<usize>) {
         let wire = ipi_to_wire(msg, from);
         match msg.shorthand {
             Shorthand::SelfOnly => {}
@@ -209,7 +198,7 @@ impl RemoteIrq for Fabric {
         }
     }
 
-    fn pass_on(&self, msg: &lapic::Message, from: Option<usize>) {
+    fn pass_on(&self, msg: &irqchip::Message, from: Option<usize>) {
         match self.next_in_ring(from) {
             Some(h) => self.send_to(h, ipi_to_wire(msg, from)),
             None => log::debug!("lowest-priority message {msg:?} matched no APIC on any host"),
@@ -292,7 +281,7 @@ impl Handler for IoService {
         match msg {
             Message::Eoi { vector } => self.chip.eoi(vector),
             Message::IrqPulse { pin } => {
-                if usize::from(pin) < crate::irq::ioapic::NUM_PINS {
+                if usize::from(pin) < irqchip::ioapic::NUM_PINS {
                     self.chip.pulse(u32::from(pin));
                 } else {
                     log::warn!("host {}: IrqPulse for pin {pin} ignored", from.0);
@@ -457,7 +446,7 @@ mod tests {
             (Shorthand::None, true, Some(1), true, 0x0002_0001),
             (Shorthand::None, false, None, true, 0xffff_ffff),
         ] {
-            let m = lapic::Message {
+            let m = irqchip::Message {
                 vector: 0xfb,
                 mode: DeliveryMode::Init,
                 level: true,
@@ -619,7 +608,7 @@ mod tests {
 
     #[test]
     fn a_lowest_priority_message_reaches_exactly_one_apic_across_hosts() {
-        let lowest = |dest: u32| lapic::Message {
+        let lowest = |dest: u32| irqchip::Message {
             vector: 0x40,
             mode: DeliveryMode::LowestPriority,
             level: false,
@@ -651,7 +640,7 @@ mod tests {
         assert_eq!(pending(&chips), vec![None, None, None]);
         // Fixed logical delivery still reaches every match.
         let (chips, q) = ring(3);
-        let fixed = lapic::Message {
+        let fixed = irqchip::Message {
             mode: DeliveryMode::Fixed,
             ..lowest(0b111)
         };

@@ -24,10 +24,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use irqchip::LocalApic;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-
-use crate::irq::lapic::LocalApic;
 
 /// Drops KVM's shadow page tables of this host when needed.
 pub struct ShadowZap {

@@ -16,10 +16,10 @@ pub mod serial;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use irqchip::IrqChip;
 use proto::Message;
 
 use crate::cluster::Fabric;
-use crate::irq::IrqChip;
 use crate::layout::*;
 use crate::stop::{StopReason, Stopper};
 
@@ -231,7 +231,7 @@ impl Devices {
             }
             // A timer register (LVT timer, initial count, divide) may have moved the deadline:
             // let the timer thread re-evaluate. Other writes (EOI above all) need no wake-up.
-            if matches!(off & !0xf, 0x320 | 0x380 | 0x3e0) {
+            if irqchip::lapic::timer_register(off & !0xf) {
                 if let Some(l) = self.chip.lapics.get(cpu) {
                     l.changed.notify_all();
                 }

@@ -9,6 +9,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
+use irqchip::lapic::{timer_register, X2APIC_MSR_BASE, X2APIC_MSR_LAST};
+use irqchip::{GuestClock, IrqChip, LocalApic, RunState};
 use kvm_bindings::kvm_interrupt;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
@@ -17,8 +19,7 @@ use vmm_sys_util::ioctl_iow_nr;
 
 use crate::boot::cpu::{self, msr};
 use crate::devices::Devices;
-use crate::irq::lapic::{Kicker, LocalApic, RunState, X2APIC_MSR_BASE, X2APIC_MSR_LAST};
-use crate::irq::IrqChip;
+use crate::irq::Kicker;
 use crate::layout::{APIC_WINDOW, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::stats::{Exit, Stats};
 use crate::stop::{StopReason, Stopper};
@@ -78,7 +79,7 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = noop_handler as *const () as usize;
         libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(crate::irq::lapic::kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+        if libc::sigaction(crate::irq::kick_signal(), &sa, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -110,7 +111,20 @@ impl Vcpu {
         // SAFETY: `ie` points into this vCPU's kvm_run mapping, which lives as long as `self.fd`;
         // the VM joins this thread (and stops all kicking) before dropping the VcpuFd.
         self.lapic
-            .set_kicker(Some(unsafe { Kicker::for_current_thread(ie) }));
+            .set_kicker(Some(Box::new(unsafe { Kicker::for_current_thread(ie) })));
+        // The APIC timer keeps its deadlines in guest-TSC time: give it this vCPU's TSC (only
+        // saved counting-mode deadlines depend on it; TSC-deadline writes bring their own).
+        match quirks::guest_tsc(&self.fd) {
+            Ok(tsc) => {
+                self.lapic
+                    .lock()
+                    .set_clock(GuestClock::new(tsc, self.tsc_khz, Instant::now()))
+            }
+            Err(e) => log::warn!(
+                "vCPU {}: guest TSC unknown for the APIC timer: {e}",
+                self.index
+            ),
+        }
         loop {
             if self.stop.stopped() {
                 return Ok(());
@@ -326,7 +340,7 @@ fn write_apic_msr(lapic: &LocalApic, chip: &IrqChip, cpu: usize, index: u32, val
             }
             // Timer registers may have moved the deadline (LVT timer, initial count, divide):
             // let the timer thread re-evaluate.
-            if matches!(index, 0x832 | 0x838 | 0x83e) {
+            if timer_register(u64::from(index - X2APIC_MSR_BASE) << 4) {
                 lapic.changed.notify_all();
             }
             true

@@ -7,10 +7,10 @@
 
 use std::time::Instant;
 
-use super::{reg, DeliveryMode, Effect, GeneralProtection, Message, Shorthand, State};
+use super::regs::reg;
+use super::Apic;
+use crate::bus::{DeliveryMode, Effect, GeneralProtection, Message, Shorthand};
 
-/// The x2APIC physical broadcast destination.
-pub const X2APIC_BROADCAST: u32 = 0xffff_ffff;
 /// First x2APIC MSR (`APIC register offset >> 4` is added).
 pub const X2APIC_MSR_BASE: u32 = 0x800;
 /// Last x2APIC MSR.
@@ -23,11 +23,11 @@ pub(super) const BASE_EXTD: u64 = 1 << 10;
 pub(super) const BASE_EN: u64 = 1 << 11;
 /// Bits of `IA32_APIC_BASE` a guest may set (address below 2^36, EN, EXTD; BSP is read-only).
 const BASE_WRITABLE: u64 = BASE_ADDR_MASK | BASE_EN | BASE_EXTD;
-const BASE_ADDR_MASK: u64 = 0x0000_000f_ffff_f000;
+pub(super) const BASE_ADDR_MASK: u64 = 0x0000_000f_ffff_f000;
 /// x2APIC-only register offsets (MMIO offsets, MSR = 0x800 + offset / 16).
 const X2_SELF_IPI: u64 = 0x3f0;
 
-impl State {
+impl Apic {
     /// `RDMSR IA32_APIC_BASE`.
     pub fn apic_base(&self) -> u64 {
         self.apic_base
@@ -58,19 +58,24 @@ impl State {
         self.apic_base = value;
         if x2 && !old_x2 {
             // The logical ID is derived from the APIC ID in x2APIC mode (read-only LDR).
-            let id = u32::from(self.id);
-            self.ldr = ((id >> 4) << 16) | (1 << (id & 0xf));
+            self.ldr = x2apic_ldr(self.id);
         }
         if old_en && !en {
             // Global disable resets the APIC to its power-up state (SDM 11.4.3), except the
             // base MSR itself and what the vCPU loop owns (INIT/SIPI state, pending NMI).
-            let (run_state, nmi_pending, timer_fires) =
-                (self.run_state, self.nmi_pending, self.timer_fires);
-            *self = State::new(self.id, value & BASE_BSP != 0);
+            // The timer's clock (guest TSC <-> host time) is no APIC state either.
+            let (run_state, nmi_pending, timer_fires, clock) = (
+                self.run_state,
+                self.nmi_pending,
+                self.timer_fires,
+                self.timer.clock,
+            );
+            *self = Apic::new(self.id, value & BASE_BSP != 0);
             self.apic_base = value;
             self.run_state = run_state;
             self.nmi_pending = nmi_pending;
             self.timer_fires = timer_fires;
+            self.timer.clock = clock;
         }
         Ok(())
     }
@@ -134,6 +139,13 @@ impl State {
     }
 }
 
+/// The logical ID of an x2APIC-mode APIC with ID `id`: cluster `id >> 4` in bits 31-16, member
+/// bit `id & 15`.
+pub(super) fn x2apic_ldr(id: u8) -> u32 {
+    let id = u32::from(id);
+    ((id >> 4) << 16) | (1 << (id & 0xf))
+}
+
 /// Whether `offset` names a register an x2APIC `RDMSR` may read.
 fn readable(offset: u64) -> bool {
     matches!(
@@ -155,9 +167,10 @@ fn readable(offset: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::regs::SVR_ENABLED;
     use super::super::tests::{dest, fixed};
     use super::*;
-    use crate::irq::lapic::SVR_ENABLED;
+    use crate::bus::X2APIC_BROADCAST;
 
     const MSR_ID: u32 = 0x802;
     const MSR_TPR: u32 = 0x808;
@@ -168,8 +181,8 @@ mod tests {
     const MSR_ICR: u32 = 0x830;
     const MSR_SELF_IPI: u32 = 0x83f;
 
-    fn x2(id: u8) -> State {
-        let mut s = State::new(id, false);
+    fn x2(id: u8) -> Apic {
+        let mut s = Apic::new(id, false);
         let base = s.apic_base();
         s.set_apic_base(base | BASE_EXTD).unwrap();
         s.msr_write(MSR_SVR, 0x1ff, Instant::now()).unwrap();
@@ -178,7 +191,7 @@ mod tests {
 
     #[test]
     fn apic_base_mode_switches() {
-        let mut s = State::new(0, true);
+        let mut s = Apic::new(0, true);
         let base = s.apic_base();
         assert_eq!(base, 0xfee0_0000 | BASE_EN | BASE_BSP);
         assert!(!s.x2apic());
@@ -205,6 +218,8 @@ mod tests {
     fn global_disable_resets_the_apic() {
         let now = Instant::now();
         let mut s = x2(0x23);
+        let clock = super::super::GuestClock::new(77, 2_000_000, now);
+        s.set_clock(clock);
         assert!(s.accept(&fixed(0x51)));
         s.ack(0x51);
         let base = s.apic_base();
@@ -215,6 +230,8 @@ mod tests {
         assert_eq!(s.read(0x110, now), 0); // ISR bits 0x40..0x5f
         assert_eq!(s.read(reg::LDR, now), 0);
         assert_eq!(s.read(reg::SVR, now) & SVR_ENABLED, 0);
+        // The guest-TSC clock is the vCPU's, not APIC state.
+        assert_eq!(s.clock(), Some(clock));
     }
 
     #[test]
@@ -292,7 +309,7 @@ mod tests {
         assert!(s.matches(&dest(0xff, false, false)));
         assert!(s.matches(&dest(0x12, false, false)));
         // An xAPIC-mode APIC does not take x2APIC 0xff as a broadcast (it is ID 255).
-        let mut t = State::new(3, false);
+        let mut t = Apic::new(3, false);
         t.write(reg::SVR, 0x1ff, Instant::now());
         assert!(!t.matches(&dest(0xff, false, true)));
         assert!(t.matches(&dest(X2APIC_BROADCAST, false, true)));
