@@ -34,6 +34,15 @@
 //!    wants one (`needs_notification`), `InterruptStatus` bit 0 is set and the interrupt line
 //!    is triggered.
 //!
+//! # Snapshots
+//!
+//! [`Block`] implements [`snapshot::Persist`] with [`BlockState`]: capacity, read-only flag,
+//! offered features, the serial number the guest saw and the image's [`DiskIdentity`]. The
+//! restore opens the image named in [`BlockRestoreArgs`] and refuses a disk of another size
+//! and, with [`DiskCheck::SameFile`], another file or one modified since the snapshot. The
+//! transport saves the ring positions and the negotiated features; since the device completes
+//! every request before `process_queue` returns, a paused device has no request in flight.
+//!
 //! A queue that cannot be processed at all (available index beyond the ring, head index out
 //! of range, unreadable rings) makes `process_queue` fail: the device stops and the transport
 //! sets `DEVICE_NEEDS_RESET` instead of spinning. Nothing the guest puts in the queue can
@@ -42,8 +51,9 @@
 pub mod block;
 
 pub use block::{
-    Block, BlockBackend, Error, FileBackend, BLOCK_SIZE, MAX_REQUEST_BYTES, QUEUE_SIZE,
-    SECTOR_SIZE, SEG_MAX, SERIAL_LEN, SIZE_MAX,
+    Block, BlockBackend, BlockRestoreArgs, BlockState, DiskCheck, DiskIdentity, Error, FileBackend,
+    StateError, BLOCK_SIZE, MAX_REQUEST_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SERIAL_LEN,
+    SIZE_MAX,
 };
 /// The transport this device plugs into, re-exported for the VMM.
 pub use virtio_mmio;

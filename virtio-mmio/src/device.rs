@@ -1,6 +1,6 @@
 //! The interface between the transport and a virtio device model.
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 
 use crate::Interrupt;
@@ -44,6 +44,17 @@ pub enum DeviceError {
 /// `activate` (when the driver sets `DRIVER_OK`) → `process_queue` on every `QueueNotify` →
 /// `reset` (when the driver writes 0 to `Status`; may also be called on a never-activated
 /// device). None of these methods may panic on guest-controlled input.
+///
+/// # Snapshots
+///
+/// A device model has two parts in a snapshot (see `MmioTransportState`): its own typed state,
+/// handed to the transport as JSON by [`save_state`](Self::save_state) and restored by the
+/// device's own [`snapshot::Persist`] implementation before the transport is restored; and the
+/// ring positions of its live queues, reported by [`queue_states`](Self::queue_states). On
+/// restore the transport replays [`ack_features`](Self::ack_features) and
+/// [`activate`](Self::activate) with queues that carry the saved positions, so `activate` is
+/// also the resume point: a device must accept queues whose `next_avail`/`next_used` are not
+/// zero (and may refuse positions it could not have left, such as requests in flight).
 pub trait VirtioDevice: Send {
     /// Virtio device ID (`VIRTIO_ID_*`), e.g. 2 for a block device.
     fn device_type(&self) -> u32;
@@ -85,4 +96,15 @@ pub trait VirtioDevice: Send {
 
     /// Returns the device to its initial, non-activated state, dropping queues and memory.
     fn reset(&mut self);
+
+    /// The device-specific saved state (configuration, backend identity, ...): the device's
+    /// typed `Persist::State` converted with `serde_json::to_value`, or `Value::Null` for a
+    /// device without state of its own. Called on a paused device with no request in flight;
+    /// the transport stores it in `MmioTransportState::device`.
+    fn save_state(&self) -> serde_json::Value;
+
+    /// The state of each queue given to [`activate`](Self::activate), in order, as
+    /// `Queue::state()` returns it; empty while the device is not activated. The transport
+    /// saves the ring positions (`next_avail`, `next_used`) from it.
+    fn queue_states(&self) -> Vec<QueueState>;
 }

@@ -87,6 +87,15 @@ impl Interrupt {
         self.shared.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets both registers to saved values on restore, without raising the line: an interrupt
+    /// the saved state shows pending was delivered before the snapshot.
+    pub(crate) fn restore(&self, status: u32, config_generation: u32) {
+        self.shared.status.store(status, Ordering::SeqCst);
+        self.shared
+            .config_generation
+            .store(config_generation, Ordering::SeqCst);
+    }
+
     /// Clears `InterruptStatus` on device reset.
     pub(crate) fn clear(&self) {
         self.shared.status.store(0, Ordering::SeqCst);

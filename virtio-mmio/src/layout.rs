@@ -29,6 +29,9 @@ pub mod status {
     pub const DEVICE_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
     /// The driver gave up on the device.
     pub const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+    /// Every bit virtio 1.x defines; the transport drops others the driver writes.
+    pub const KNOWN: u32 =
+        ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK | DEVICE_NEEDS_RESET | FAILED;
 }
 
 /// Register offsets inside the MMIO window.

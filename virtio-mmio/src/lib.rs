@@ -32,6 +32,14 @@
 //!    used buffers and calls [`Interrupt::signal_used_queue`], which sets `InterruptStatus`
 //!    bit 0 and then triggers the [`InterruptLine`].
 //!
+//! # Snapshots
+//!
+//! [`MmioTransport`] implements [`snapshot::Persist`] with [`MmioTransportState`]: the register
+//! file, one [`MmioQueueState`] per queue (registers and ring positions) and the device's own
+//! state as JSON ([`VirtioDevice::save_state`]). A restore rebuilds the device first (its own
+//! `Persist`, from [`MmioTransportState::device_state`]), then the transport, which validates
+//! everything as untrusted input and re-activates a running device where it stopped.
+//!
 //! Nothing the guest writes can make the transport panic: malformed accesses are ignored
 //! with a warning, and invalid queue configuration or a device failure sets
 //! `DEVICE_NEEDS_RESET` (with a configuration-change interrupt once `DRIVER_OK` is set) and
@@ -47,7 +55,9 @@ mod transport;
 pub use device::{DeviceError, VirtioDevice};
 pub use interrupt::{Interrupt, InterruptLine, INT_CONFIG_CHANGE, INT_USED_BUFFER};
 pub use layout::{regs, status, MAGIC_VALUE, MMIO_VERSION, MMIO_WINDOW_SIZE, VENDOR_ID};
-pub use transport::{Error, MmioTransport};
+pub use transport::{
+    Error, MmioQueueState, MmioTransport, MmioTransportArgs, MmioTransportState, StateError,
+};
 
 /// Re-exported so device models use the same version as the transport.
 pub use virtio_queue;

@@ -11,6 +11,10 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::layout::{regs, status, MAGIC_VALUE, MMIO_VERSION, MMIO_WINDOW_SIZE, VENDOR_ID};
 use crate::{DeviceError, Interrupt, InterruptLine, VirtioDevice};
 
+mod persist;
+
+pub use persist::{MmioQueueState, MmioTransportArgs, MmioTransportState, StateError};
+
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -147,7 +151,8 @@ pub struct MmioTransport {
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
-    /// Status bits written by the driver (never includes `DEVICE_NEEDS_RESET`).
+    /// Status bits written by the driver (only [`status::KNOWN`] bits, never
+    /// `DEVICE_NEEDS_RESET`).
     status: u32,
     needs_reset: bool,
     activated: bool,
@@ -397,6 +402,13 @@ impl MmioTransport {
             return;
         }
         let mut value = value & !status::DEVICE_NEEDS_RESET;
+        if value & !status::KNOWN != 0 {
+            warn!(
+                "virtio-mmio: unknown status bits {:#x} ignored",
+                value & !status::KNOWN
+            );
+            value &= status::KNOWN;
+        }
         if value & self.status != self.status {
             warn!(
                 "virtio-mmio: status {value:#x} clears bits of {:#x}, ignored",

@@ -8,6 +8,8 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 /// Length of a virtio-blk serial number (`VIRTIO_BLK_ID_BYTES`).
 pub const SERIAL_LEN: usize = 20;
 
@@ -47,12 +49,56 @@ pub trait BlockBackend: Send {
     fn flush(&mut self) -> io::Result<()>;
     /// Serial number reported by `VIRTIO_BLK_T_GET_ID`; unused trailing bytes are zero.
     fn serial(&self) -> [u8; SERIAL_LEN];
+    /// What identifies the storage right now, for a snapshot to tell whether it is restored
+    /// onto the same, unmodified disk; `None` if the backend cannot tell.
+    fn identity(&self) -> Option<DiskIdentity> {
+        None
+    }
+}
+
+/// Identity of a disk image file at one moment: which file (device and inode), how large,
+/// and when its data last changed. Two identities are equal only for the same file, not
+/// written in between (up to the file system's timestamp granularity).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DiskIdentity {
+    /// Path of the image when it was opened (canonical if possible, lossy UTF-8), for messages.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// ID of the device holding the file (`st_dev`).
+    pub dev: u64,
+    /// Inode number (`st_ino`).
+    pub ino: u64,
+    /// Last data modification, seconds since the epoch (`st_mtime`).
+    pub mtime_sec: i64,
+    /// Nanoseconds part of the last data modification (`st_mtime_nsec`).
+    pub mtime_nsec: i64,
+}
+
+impl DiskIdentity {
+    /// The first field in which `self` and `other` differ, ignoring the path (the same file
+    /// may be reached through another path).
+    pub fn differs_from(&self, other: &DiskIdentity) -> Option<&'static str> {
+        if self.dev != other.dev {
+            Some("device")
+        } else if self.ino != other.ino {
+            Some("inode")
+        } else if self.size != other.size {
+            Some("size")
+        } else if (self.mtime_sec, self.mtime_nsec) != (other.mtime_sec, other.mtime_nsec) {
+            Some("modification time")
+        } else {
+            None
+        }
+    }
 }
 
 /// A raw disk image in a local file (or a host block device).
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
+    /// Canonical path (as given if it cannot be canonicalized).
+    path: PathBuf,
     size: u64,
     read_only: bool,
     serial: [u8; SERIAL_LEN],
@@ -80,6 +126,7 @@ impl FileBackend {
         let serial = derive_serial(&canonical, meta.dev(), meta.ino());
         Ok(FileBackend {
             file,
+            path: canonical,
             size,
             read_only,
             serial,
@@ -133,6 +180,18 @@ impl BlockBackend for FileBackend {
 
     fn serial(&self) -> [u8; SERIAL_LEN] {
         self.serial
+    }
+
+    fn identity(&self) -> Option<DiskIdentity> {
+        let meta = self.file.metadata().ok()?;
+        Some(DiskIdentity {
+            path: self.path.to_string_lossy().into_owned(),
+            size: self.size,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime_sec: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        })
     }
 }
 

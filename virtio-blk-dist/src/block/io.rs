@@ -57,6 +57,8 @@ pub enum Error {
 /// Runs requests against a backend.
 pub struct Executor {
     backend: Box<dyn BlockBackend>,
+    /// Serial number `GET_ID` returns: the backend's, or the one a restored snapshot recorded.
+    serial: [u8; SERIAL_LEN],
     bounce: Vec<u8>,
 }
 
@@ -64,9 +66,21 @@ impl Executor {
     /// Wraps `backend`.
     pub fn new(backend: Box<dyn BlockBackend>) -> Self {
         Executor {
+            serial: backend.serial(),
             backend,
             bounce: vec![0; CHUNK],
         }
+    }
+
+    /// The serial number the device reports.
+    pub fn serial(&self) -> [u8; SERIAL_LEN] {
+        self.serial
+    }
+
+    /// Reports `serial` instead of the backend's (the guest keeps seeing the serial it saw
+    /// before a snapshot, even on a copy of the image).
+    pub fn set_serial(&mut self, serial: [u8; SERIAL_LEN]) {
+        self.serial = serial;
     }
 
     /// The backend.
@@ -180,7 +194,7 @@ impl Executor {
         request: &Request,
         written: &mut u32,
     ) -> Result<(), Error> {
-        let serial = self.backend.serial();
+        let serial = self.serial;
         let mut rest: &[u8] = &serial;
         for segment in &request.data_in {
             if rest.is_empty() {

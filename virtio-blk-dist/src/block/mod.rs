@@ -2,6 +2,7 @@
 
 pub mod backend;
 mod io;
+mod persist;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -18,11 +19,12 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_mmio::{DeviceError, Interrupt, VirtioDevice};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-pub use backend::{BlockBackend, FileBackend, SERIAL_LEN};
+pub use backend::{BlockBackend, DiskIdentity, FileBackend, SERIAL_LEN};
 pub use io::{MAX_REQUEST_BYTES, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+pub use persist::{BlockRestoreArgs, BlockState, DiskCheck, StateError};
 
 use io::Executor;
 
@@ -45,6 +47,15 @@ pub enum Error {
     /// The available index announces buffers that cannot be popped.
     #[error("available ring announces buffers that cannot be popped")]
     StalledQueue,
+    /// A (restored) queue shows requests popped and never completed: this device completes
+    /// every request before `process_queue` returns, so it never leaves such a queue.
+    #[error("queue has requests in flight (next_avail {next_avail}, next_used {next_used})")]
+    InFlight {
+        /// Next available entry.
+        next_avail: u16,
+        /// Next used entry.
+        next_used: u16,
+    },
 }
 
 impl From<Error> for DeviceError {
@@ -170,6 +181,13 @@ impl VirtioDevice for Block {
         if !queue.ready() {
             return Err(DeviceError::QueueNotReady(0));
         }
+        if queue.next_avail() != queue.next_used() {
+            return Err(Error::InFlight {
+                next_avail: queue.next_avail(),
+                next_used: queue.next_used(),
+            }
+            .into());
+        }
         self.active = Some(Active {
             mem,
             queue,
@@ -196,6 +214,19 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        use snapshot::Persist;
+        serde_json::to_value(self.save()).unwrap_or_else(|e| {
+            // Unreachable: the state is plain numbers and strings.
+            warn!("virtio-blk: cannot encode the device state: {e}");
+            serde_json::Value::Null
+        })
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
     }
 }
 

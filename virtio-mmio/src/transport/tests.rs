@@ -1,5 +1,7 @@
 //! Register-level tests of the transport with a recording fake device.
 
+mod persist;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +19,8 @@ const OFFERED: u64 = VERSION_1 | EVENT_IDX | 1 << 9;
 struct Record {
     acked: Option<u64>,
     queues: Vec<(bool, u16, u64, u64, u64, bool)>,
+    /// The queues given at activation.
+    live: Vec<Queue>,
     notified: Vec<u16>,
     resets: usize,
     config: [u8; 8],
@@ -77,6 +81,7 @@ impl VirtioDevice for FakeDevice {
                 )
             })
             .collect();
+        rec.live = queues;
         rec.interrupt = Some(interrupt);
         Ok(())
     }
@@ -96,6 +101,19 @@ impl VirtioDevice for FakeDevice {
         rec.resets += 1;
         rec.interrupt = None;
         rec.queues.clear();
+        rec.live.clear();
+    }
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "config": self.0.lock().unwrap().config })
+    }
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.0
+            .lock()
+            .unwrap()
+            .live
+            .iter()
+            .map(Queue::state)
+            .collect()
     }
 }
 
@@ -446,6 +464,17 @@ fn status_bits_cannot_be_cleared_without_reset() {
 }
 
 #[test]
+fn unknown_status_bits_are_dropped() {
+    let mut f = Fixture::new();
+    f.w(regs::STATUS, status::ACKNOWLEDGE | 0x10 | 0x20 | 0x100);
+    assert_eq!(f.r(regs::STATUS), status::ACKNOWLEDGE);
+    assert!(f.negotiate(VERSION_1));
+    let s = f.r(regs::STATUS);
+    f.w(regs::STATUS, s | 0x8000_0000);
+    assert_eq!(f.r(regs::STATUS), s);
+}
+
+#[test]
 fn invalid_max_size_is_rejected() {
     struct Bad;
     impl VirtioDevice for Bad {
@@ -473,6 +502,12 @@ fn invalid_max_size_is_rejected() {
             Ok(())
         }
         fn reset(&mut self) {}
+        fn save_state(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
+        }
     }
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
     let err = MmioTransport::new(Box::new(Bad), mem, Arc::new(Line::default()))

@@ -3,6 +3,7 @@
 
 pub mod decode;
 pub mod quirks;
+pub mod state;
 pub mod xsave;
 
 use std::os::fd::AsRawFd;

@@ -2,6 +2,7 @@
 //! image in the temporary directory.
 
 mod hostile;
+mod persist;
 mod requests;
 mod transport;
 
@@ -13,7 +14,7 @@ use virtio_mmio::{DeviceError, Interrupt, InterruptLine, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::Block;
+use super::{Block, FileBackend};
 
 pub const MEM_SIZE: usize = 0x10_0000;
 pub const QSIZE: u16 = 16;

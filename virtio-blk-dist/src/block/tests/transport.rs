@@ -1,12 +1,18 @@
 //! The block device behind the virtio-mmio transport, driven through registers only.
 
+use std::path::Path;
 use std::sync::Arc;
 
+use snapshot::Persist;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_mmio::{regs, status, MmioTransport, INT_CONFIG_CHANGE, INT_USED_BUFFER};
+use virtio_mmio::{
+    regs, status, MmioTransport, MmioTransportArgs, MmioTransportState, INT_CONFIG_CHANGE,
+    INT_USED_BUFFER,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
+use crate::{BlockRestoreArgs, BlockState, DiskCheck};
 
 struct Driver {
     t: MmioTransport,
@@ -92,6 +98,12 @@ impl Driver {
     }
 
     fn submit_read(&mut self, sector: u64) {
+        self.queue_read(sector);
+        self.w(regs::QUEUE_NOTIFY, 0);
+    }
+
+    /// Makes a one-sector read into `DATA` available, without notifying.
+    fn queue_read(&mut self, sector: u64) {
         self.mem.write_obj(T_IN, GuestAddress(HDR)).unwrap();
         self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
         self.desc(0, HDR, 16, F_NEXT, 1);
@@ -103,7 +115,52 @@ impl Driver {
         self.mem
             .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
             .unwrap();
-        self.w(regs::QUEUE_NOTIFY, 0);
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// Saves transport and device, copies guest RAM as a snapshot would, and restores both
+    /// (the block device from `image`, checked as `check`) in a new driver.
+    fn snapshot_restore(&self, image: &Path, check: DiskCheck) -> Result<Driver, String> {
+        let saved = self.t.save();
+        let block_state: BlockState = saved.device_state().map_err(|e| e.to_string())?;
+        let block = Block::restore(
+            BlockRestoreArgs {
+                path: image.to_owned(),
+                check,
+            },
+            &block_state,
+        )
+        .map_err(|e| e.to_string())?;
+        Self::restore_onto(&self.mem, block, &saved, self.avail_idx)
+    }
+
+    /// Restores transport state `saved` around `block`, in a copy of `mem`.
+    fn restore_onto(
+        mem: &GuestMemoryMmap,
+        block: Block,
+        saved: &MmioTransportState,
+        avail_idx: u16,
+    ) -> Result<Driver, String> {
+        let copy = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mut ram = vec![0u8; MEM_SIZE];
+        mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+        copy.write_slice(&ram, GuestAddress(0)).unwrap();
+        let line = Arc::new(Line::default());
+        let args = MmioTransportArgs {
+            device: Box::new(block),
+            mem: copy.clone(),
+            line: line.clone(),
+        };
+        let t = MmioTransport::restore(args, saved).map_err(|e| e.to_string())?;
+        Ok(Driver {
+            t,
+            mem: copy,
+            line,
+            avail_idx,
+        })
     }
 }
 
@@ -175,4 +232,95 @@ fn queue_outside_memory_is_never_activated() {
     assert!(!d.t.is_activated());
     assert_ne!(d.r(regs::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     d.w(regs::QUEUE_NOTIFY, 0);
+}
+
+#[test]
+fn restored_transport_continues_the_queue() {
+    let data = pattern(4);
+    let image = TempImage::new(&data);
+    let mut d = Driver::new(&image);
+    d.init();
+    d.submit_read(2);
+    assert_eq!(d.used_idx(), 1);
+    // A second request is available but the driver has not notified yet.
+    d.queue_read(3);
+    let saved = d.t.save();
+    assert_eq!(saved.queues[0].next_avail, 1);
+    assert_eq!(saved.queues[0].next_used, 1);
+    assert_eq!(saved.interrupt_status, INT_USED_BUFFER);
+
+    let mut r = d
+        .snapshot_restore(&image.path, DiskCheck::SameFile)
+        .unwrap();
+    assert!(r.t.is_activated());
+    assert_eq!(r.t.save(), saved);
+    assert_eq!(r.line.count(), 0);
+    assert_eq!(r.r(regs::INTERRUPT_STATUS), INT_USED_BUFFER);
+    r.w(regs::INTERRUPT_ACK, INT_USED_BUFFER);
+
+    // The kick processes exactly the pending request, then new ones follow.
+    r.mem.write_slice(&[0u8; 512], GuestAddress(DATA)).unwrap();
+    r.w(regs::QUEUE_NOTIFY, 0);
+    assert_eq!(r.used_idx(), 2);
+    assert_eq!(r.line.count(), 1);
+    let mut buf = vec![0u8; 512];
+    r.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert_eq!(buf, &data[1536..2048]);
+    r.submit_read(1);
+    assert_eq!(r.used_idx(), 3);
+    r.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert_eq!(buf, &data[512..1024]);
+    let used_len: u32 = r.mem.read_obj(GuestAddress(USED + 4 + 8 * 2 + 4)).unwrap();
+    assert_eq!(used_len, 513);
+    let again = r.t.save();
+    assert_eq!(
+        (again.queues[0].next_avail, again.queues[0].next_used),
+        (3, 3)
+    );
+
+    // The original, left alone, is unaffected (separate guest memory).
+    assert_eq!(d.used_idx(), 1);
+}
+
+#[test]
+fn restore_onto_the_wrong_disk_fails() {
+    let image = TempImage::new(&pattern(4));
+    let mut d = Driver::new(&image);
+    d.init();
+    d.submit_read(0);
+    let other = TempImage::new(&pattern(4));
+    let err = d
+        .snapshot_restore(&other.path, DiskCheck::SameFile)
+        .err()
+        .unwrap();
+    assert!(err.contains("inode"), "{err}");
+    // A copy the caller vouches for is fine.
+    let mut r = d
+        .snapshot_restore(&other.path, DiskCheck::SizeOnly)
+        .unwrap();
+    r.submit_read(1);
+    assert_eq!(r.used_idx(), 2);
+    let small = TempImage::new(&pattern(3));
+    let err = d
+        .snapshot_restore(&small.path, DiskCheck::SizeOnly)
+        .err()
+        .unwrap();
+    assert!(err.contains("capacity"), "{err}");
+}
+
+#[test]
+fn restored_queue_with_requests_in_flight_is_refused() {
+    let image = TempImage::new(&pattern(4));
+    let mut d = Driver::new(&image);
+    d.init();
+    d.submit_read(0);
+    let mut saved = d.t.save();
+    // Transport-valid (one chain popped, not returned), but this device never leaves that.
+    saved.queues[0].next_avail = 2;
+    saved.queues[0].next_used = 1;
+    let block = Block::new(&image.path, false).unwrap();
+    let err = Driver::restore_onto(&d.mem, block, &saved, 2)
+        .err()
+        .unwrap();
+    assert!(err.contains("in flight"), "{err}");
 }
