@@ -238,10 +238,10 @@ impl DsmMemory {
         {
             return bad(format!("{h} is not a peer of the transport"));
         }
-        if let HomePolicy::Interleave { chunk_pages: 0 } = cfg.home {
-            return bad("chunk_pages must be at least 1".into());
-        }
         let layout = Layout::new(&cfg.regions)?;
+        if let Err(e) = cfg.home.check(&hosts, &layout) {
+            return bad(e);
+        }
         let ram = Arc::new(GuestRam::map(&cfg.regions)?);
         let uffd = Arc::new(Uffd::new()?);
         for (_, len, host) in ram.regions() {
@@ -258,7 +258,7 @@ impl DsmMemory {
         let engine = Engine::new(
             cfg.local,
             hosts.clone(),
-            cfg.home,
+            cfg.home.clone(),
             layout,
             pages,
             net,
@@ -313,7 +313,7 @@ impl DsmMemory {
 
     /// The home host of the page holding guest-physical `gpa`.
     pub fn home_of(&self, gpa: u64) -> HostId {
-        ram::home_of(self.policy, &self.hosts, gpa / PAGE_SIZE as u64)
+        ram::home_of(&self.policy, &self.hosts, gpa / PAGE_SIZE as u64)
     }
 
     /// The regions as mapped here (register these with KVM).

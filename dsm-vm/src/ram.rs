@@ -31,7 +31,7 @@ pub enum Error {
 }
 
 /// Which host is the home (directory keeper) of each page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HomePolicy {
     /// Chunks of `chunk_pages` consecutive page frames go to hosts in turn:
     /// home = hosts[(pfn / chunk_pages) % hosts.len()].
@@ -39,6 +39,50 @@ pub enum HomePolicy {
         /// Pages per chunk (at least 1).
         chunk_pages: u64,
     },
+    /// An explicit table (the VMM's placement): home = `HostId(homes[pfn / chunk_pages])`.
+    /// The table covers every page frame from 0 to the end of the highest region (holes
+    /// included), so a lookup is one division and one index.
+    Table {
+        /// Pages per chunk (at least 1).
+        chunk_pages: u64,
+        /// Home host id of each chunk (each one of the cluster's hosts).
+        homes: Vec<u16>,
+    },
+}
+
+impl HomePolicy {
+    /// Checks the policy against the cluster's `hosts` and the guest RAM `layout`: a chunk
+    /// size of at least 1 and, for a table, a known host for every chunk and a chunk for every
+    /// page of guest RAM.
+    pub fn check(&self, hosts: &[HostId], layout: &Layout) -> Result<(), String> {
+        match self {
+            HomePolicy::Interleave { chunk_pages: 0 }
+            | HomePolicy::Table { chunk_pages: 0, .. } => {
+                Err("chunk_pages must be at least 1".into())
+            }
+            HomePolicy::Interleave { .. } => Ok(()),
+            HomePolicy::Table { chunk_pages, homes } => {
+                if let Some((i, h)) = homes
+                    .iter()
+                    .enumerate()
+                    .find(|(_, h)| !hosts.contains(&HostId(**h)))
+                {
+                    return Err(format!(
+                        "home table: chunk {i} names host {h}, not in the cluster"
+                    ));
+                }
+                let end = layout.regions().map(|(f, n)| f + n).max().unwrap_or(0);
+                let need = end.div_ceil(*chunk_pages);
+                if (homes.len() as u64) < need {
+                    return Err(format!(
+                        "home table has {} chunks, guest RAM needs {need}",
+                        homes.len()
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Guest RAM regions as page-frame ranges, with a dense index over all their pages.
@@ -99,12 +143,18 @@ impl Layout {
 }
 
 /// Returns the home of `pfn` among `hosts` under `policy`.
-pub fn home_of(policy: HomePolicy, hosts: &[HostId], pfn: Pfn) -> HostId {
+/// (A table too short for `pfn`, which [`HomePolicy::check`] refuses, gives the first host.)
+pub fn home_of(policy: &HomePolicy, hosts: &[HostId], pfn: Pfn) -> HostId {
     match policy {
         HomePolicy::Interleave { chunk_pages } => {
-            let i = (pfn / chunk_pages.max(1)) % hosts.len().max(1) as u64;
+            let i = (pfn / (*chunk_pages).max(1)) % hosts.len().max(1) as u64;
             hosts.get(i as usize).copied().unwrap_or_default()
         }
+        HomePolicy::Table { chunk_pages, homes } => usize::try_from(pfn / (*chunk_pages).max(1))
+            .ok()
+            .and_then(|c| homes.get(c))
+            .map(|h| HostId(*h))
+            .unwrap_or_else(|| hosts.first().copied().unwrap_or_default()),
     }
 }
 
@@ -216,8 +266,32 @@ mod tests {
     fn interleaving() {
         let hosts = [HostId(4), HostId(7)];
         let p = HomePolicy::Interleave { chunk_pages: 2 };
-        let homes: Vec<u16> = (0..6).map(|pfn| home_of(p, &hosts, pfn).0).collect();
+        let homes: Vec<u16> = (0..6).map(|pfn| home_of(&p, &hosts, pfn).0).collect();
         assert_eq!(homes, vec![4, 4, 7, 7, 4, 4]);
+    }
+
+    #[test]
+    fn table_homes() {
+        let hosts = [HostId(0), HostId(1), HostId(2)];
+        let p = HomePolicy::Table {
+            chunk_pages: 2,
+            homes: vec![2, 0, 0, 1],
+        };
+        let homes: Vec<u16> = (0..8).map(|pfn| home_of(&p, &hosts, pfn).0).collect();
+        assert_eq!(homes, vec![2, 2, 0, 0, 0, 0, 1, 1]);
+        let layout = Layout::new(&[(0, 8 * PAGE_SIZE as u64)]).unwrap();
+        assert!(p.check(&hosts, &layout).is_ok());
+        let big = Layout::new(&[(0, 9 * PAGE_SIZE as u64)]).unwrap();
+        assert!(p.check(&hosts, &big).unwrap_err().contains("needs 5"));
+        assert!(p
+            .check(&hosts[..2], &layout)
+            .unwrap_err()
+            .contains("host 2"));
+        let zero = HomePolicy::Table {
+            chunk_pages: 0,
+            homes: vec![0],
+        };
+        assert!(zero.check(&hosts, &layout).is_err());
     }
 
     #[test]

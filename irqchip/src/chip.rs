@@ -37,23 +37,29 @@ pub struct IrqChip {
     /// this host's vCPUs are driven here).
     pub lapics: Vec<Arc<LocalApic>>,
     local: Vec<bool>,
+    /// Whether the IOAPIC's home (in the cluster's placement) is this host; if not, level
+    /// EOIs and device pulses go through [`RemoteIrq`].
+    ioapic_local: bool,
     ioapic: Mutex<Ioapic>,
     remote: OnceLock<Arc<dyn RemoteIrq>>,
 }
 
 impl IrqChip {
-    /// APIC IDs are the vCPU indexes; the IOAPIC takes the next ID. Every vCPU is local.
+    /// APIC IDs are the vCPU indexes; the IOAPIC takes the next ID. Every vCPU and the IOAPIC
+    /// are local.
     pub fn new(ncpus: u8) -> Self {
-        Self::with_local(ncpus, vec![true; usize::from(ncpus)])
+        Self::with_local(ncpus, vec![true; usize::from(ncpus)], true)
     }
 
-    /// A chip of which only the vCPUs with `local[i]` run on this host.
-    pub fn with_local(ncpus: u8, local: Vec<bool>) -> Self {
+    /// A chip of which only the vCPUs with `local[i]` run on this host, and the IOAPIC too if
+    /// `ioapic_local` (this host is the IOAPIC's home).
+    pub fn with_local(ncpus: u8, local: Vec<bool>, ioapic_local: bool) -> Self {
         IrqChip {
             lapics: (0..ncpus)
                 .map(|i| Arc::new(LocalApic::new(i, i == 0)))
                 .collect(),
             local,
+            ioapic_local,
             ioapic: Mutex::new(Ioapic::new(ncpus)),
             remote: OnceLock::new(),
         }
@@ -67,6 +73,11 @@ impl IrqChip {
     /// Whether vCPU `i` runs on this host.
     pub fn is_local(&self, i: usize) -> bool {
         self.local.get(i).copied().unwrap_or(false)
+    }
+
+    /// Whether the IOAPIC is emulated on this host.
+    pub fn ioapic_is_local(&self) -> bool {
+        self.ioapic_local
     }
 
     /// The local APICs of this host's vCPUs.
@@ -157,8 +168,8 @@ impl IrqChip {
     pub fn apply(&self, effect: Effect, from: usize) {
         match effect {
             Effect::Ipi(m) => self.deliver(&m, Some(from)),
-            Effect::LevelEoi(v) => match (self.remote.get(), self.is_local(0)) {
-                // The IOAPIC lives with vCPU 0 (host 0).
+            Effect::LevelEoi(v) => match (self.remote.get(), self.ioapic_local) {
+                // The IOAPIC lives on its home host (host 0 by default).
                 (Some(r), false) => r.eoi(v),
                 _ => self.eoi(v),
             },
@@ -175,7 +186,7 @@ impl IrqChip {
 
     /// An edge on IOAPIC input `pin` (sent to the IOAPIC's host if that is another one).
     pub fn pulse(&self, pin: u32) {
-        if let (Some(r), false) = (self.remote.get(), self.is_local(0)) {
+        if let (Some(r), false) = (self.remote.get(), self.ioapic_local) {
             r.pulse(pin);
             return;
         }

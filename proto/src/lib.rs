@@ -36,7 +36,7 @@
 //! | 0x42 | `IoReply`       | device host -> vCPU host | data u64                             | 9     |
 //! | 0x50 | `Ping` / 0x51 `Pong` | any             | nonce u64                                | 9     |
 //! | 0x52 | `Stop`          | any -> all           | reason (u16 len + UTF-8, <= 1024)        | var   |
-//! | 0x53 | `Status`        | host -> host 0       | JSON text (u16 len + UTF-8, <= 1024)     | var   |
+//! | 0x53 | `Status`        | host -> status home  | JSON text (u16 len + UTF-8, <= 1024)     | var   |
 //! | 0x5f | `Error`         | responder -> requester | code u16, message (u16 len + UTF-8)    | var   |
 //!
 //! Version 2 added the `Ipi` flags/source fields, `Eoi` and `Status`; version 3 the x2APIC

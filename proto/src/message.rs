@@ -191,7 +191,7 @@ pub enum Message {
         /// IOAPIC pin (GSI).
         pin: u8,
     },
-    /// Periodic status of a host, sent to host 0 (JSON text).
+    /// Periodic status of a host, sent to the status home (host 0 by default; JSON text).
     Status {
         /// JSON object.
         json: String,

@@ -13,6 +13,7 @@ use irqchip::{DeliveryMode, IrqChip, Message, Shorthand};
 use proto::{HostId, Service};
 use transport::{TcpConfig, TcpTransport, Transport};
 use vmm::cluster::fabric::{Fabric, VcpuService};
+use vmm::cluster::Placement;
 
 const KEY: &[u8] = b"ipi bench cluster key 0123456789";
 
@@ -72,18 +73,20 @@ fn main() {
         .expect("connected");
     t1.wait_connected(Duration::from_secs(5))
         .expect("connected");
-    let cpu_host = vec![0, 1];
+    let placement = Placement::initial(&[1, 1], &[], 0, 1);
+    let cpu_host = placement.cpu_hosts();
     let chips: Vec<Arc<IrqChip>> = (0..2)
         .map(|h| {
             Arc::new(IrqChip::with_local(
                 2,
                 cpu_host.iter().map(|c| *c == h).collect(),
+                h == usize::from(placement.ioapic_home),
             ))
         })
         .collect();
     let ts: [Arc<dyn Transport>; 2] = [t0.clone(), t1.clone()];
     for h in 0..2 {
-        let f = Arc::new(Fabric::new(ts[h].clone(), h, 2, cpu_host.clone()));
+        let f = Arc::new(Fabric::new(ts[h].clone(), h, &placement));
         chips[h].set_remote(f);
         ts[h].register(
             Service::Vcpu,

@@ -187,9 +187,9 @@ impl VmConfig {
         self.validate_files(None)
     }
 
-    /// The file checks of host `me` of a cluster of `hosts`: the kernel and initrd on host 0,
-    /// each disk on its home host.
-    pub fn validate_host(&self, me: usize, hosts: usize) -> Result<(), Error> {
+    /// The file checks of host `me` of a cluster of `hosts`: the kernel and initrd on the boot
+    /// host `boot_host` (the placement's, host 0 by default), each disk on its home host.
+    pub fn validate_host(&self, me: usize, hosts: usize, boot_host: usize) -> Result<(), Error> {
         self.validate_machine()?;
         if let Some(d) = self.disks.iter().find(|d| d.host >= hosts) {
             return Err(Error::DiskHost {
@@ -198,11 +198,13 @@ impl VmConfig {
                 hosts,
             });
         }
-        self.validate_files(Some(me))
+        self.validate_files(Some((me, boot_host)))
     }
 
-    /// Checks the files used on host `me` (every file when `me` is None).
-    fn validate_files(&self, me: Option<usize>) -> Result<(), Error> {
+    /// Checks the files used on host `me` whose boot host is `boot` (every file when None).
+    fn validate_files(&self, me: Option<(usize, usize)>) -> Result<(), Error> {
+        let boot = me.is_none_or(|(m, b)| m == b);
+        let me = me.map(|(m, _)| m);
         let here = |h: usize| me.is_none_or(|m| m == h);
         let readable = |what, path: &PathBuf| {
             std::fs::File::open(path)
@@ -213,10 +215,10 @@ impl VmConfig {
                     source,
                 })
         };
-        if here(0) {
+        if boot {
             readable("kernel", &self.kernel)?;
         }
-        if let Some(initrd) = self.initrd.as_ref().filter(|_| here(0)) {
+        if let Some(initrd) = self.initrd.as_ref().filter(|_| boot) {
             readable("initrd", initrd)?;
             let size = std::fs::metadata(initrd).map(|m| m.len()).unwrap_or(0);
             // The kernel is loaded at 16 MiB; the initrd must fit above it in low memory.

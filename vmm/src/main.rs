@@ -226,7 +226,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::Error> {
         disks,
         stats_json: a.stats_json,
     };
-    cfg.validate_host(0, 1)?;
+    cfg.validate_host(0, 1, 0)?;
     Ok(cfg)
 }
 

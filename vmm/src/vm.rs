@@ -22,7 +22,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::boot::{acpi, cpu, loader};
 use crate::cluster::shadow::ShadowZap;
-use crate::cluster::{fabric, status, timesync, ClusterSpec, Fabric};
+use crate::cluster::{fabric, status, timesync, ClusterSpec, Fabric, Placement};
 use crate::config::VmConfig;
 use crate::devices::{serial, Devices};
 use crate::irq::IrqLine;
@@ -163,9 +163,31 @@ pub fn run_on(
     cluster: Option<(ClusterSpec, TcpListener)>,
 ) -> Result<RunReport, Error> {
     let me = cluster.as_ref().map(|(s, _)| s.me).unwrap_or(0);
+    // Where everything lives: the cluster's placement (the same on every host), or all here.
+    let placement = match &cluster {
+        Some((spec, _)) => spec.placement.clone(),
+        None => Placement::initial(
+            &[cfg.cpus],
+            &cfg.disks.iter().map(|d| d.host).collect::<Vec<_>>(),
+            cfg.memory,
+            512,
+        ),
+    };
     match &cluster {
         None => cfg.validate()?,
-        Some((spec, _)) => cfg.validate_host(me, spec.hosts.len())?,
+        Some((spec, _)) => {
+            cfg.validate_host(me, spec.hosts.len(), usize::from(placement.boot_host))?;
+            placement
+                .validate(usize::from(cfg.cpus), cfg.disks.len(), cfg.memory)
+                .map_err(|e| Error::Cluster(e.to_string()))?;
+            if usize::from(placement.hosts) != spec.hosts.len() {
+                return Err(Error::Cluster(format!(
+                    "the placement has {} hosts, the cluster {}",
+                    placement.hosts,
+                    spec.hosts.len()
+                )));
+            }
+        }
     }
     let started = Instant::now();
     // The cluster first: a peer that is not there is reported before anything is built.
@@ -223,9 +245,7 @@ pub fn run_on(
                     local: HostId(n.spec.me as u16),
                     hosts: (0..n.spec.hosts.len()).map(|h| HostId(h as u16)).collect(),
                     regions: ram_regions(cfg.memory),
-                    home: dsm_vm::HomePolicy::Interleave {
-                        chunk_pages: n.spec.home_chunk_pages,
-                    },
+                    home: placement.home_policy(),
                 },
                 n.transport.clone(),
             )?;
@@ -262,10 +282,10 @@ pub fn run_on(
         timesync::set_clock(&vm, n.spec.epoch_ns);
     }
 
-    // Host 0 loads the guest; the other hosts' vCPUs wait for INIT/SIPI and see it through the
-    // DSM.
+    // The boot host (host 0 by default) loads the guest and runs vCPU 0; the other hosts' vCPUs
+    // wait for INIT/SIPI and see it through the DSM.
     let mut kernel_entry = None;
-    if me == 0 {
+    if me == usize::from(placement.boot_host) {
         let mut params = boot_params::default();
         let kernel = loader::load_kernel(&mem, &cfg.kernel, &mut params)?;
         let initrd = match &cfg.initrd {
@@ -286,20 +306,19 @@ pub fn run_on(
         kernel_entry = Some(kernel.entry);
     }
 
-    let cpu_host: Vec<usize> = match &net {
-        Some(n) => n.spec.cpu_hosts(),
-        None => vec![0; usize::from(cfg.cpus)],
-    };
+    let cpu_host = placement.cpu_hosts();
     let local: Vec<bool> = cpu_host.iter().map(|h| *h == me).collect();
-    let chip = Arc::new(IrqChip::with_local(cfg.cpus, local));
+    let ioapic_local = me == usize::from(placement.ioapic_home);
+    let chip = Arc::new(IrqChip::with_local(cfg.cpus, local, ioapic_local));
     let stop = Arc::new(Stopper::new(chip.local_lapics()));
     let stats = Arc::new(Stats::default());
     let fixups = Arc::new(FixupStats::default());
     let console = serial::Console::new(IrqLine::new(chip.clone(), SERIAL_IRQ));
     // Each disk is opened and emulated on its home host only; the other hosts forward.
+    let disk_home = placement.disk_homes();
     let mut virtio = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
-        virtio.push(if d.host == me {
+        virtio.push(if disk_home.get(i) == Some(&me) {
             let line = IrqLine::new(chip.clone(), VIRTIO_IRQS[i]);
             Some(open_disk(&d.path, d.read_only, &mem, line)?)
         } else {
@@ -329,12 +348,7 @@ pub fn run_on(
     let mut io_counters = None;
     let status = Arc::new(Mutex::new(BTreeMap::new()));
     if let Some(n) = &net {
-        let fabric = Arc::new(Fabric::new(
-            n.transport.clone(),
-            me,
-            n.spec.hosts.len(),
-            cpu_host.clone(),
-        ));
+        let fabric = Arc::new(Fabric::new(n.transport.clone(), me, &placement));
         chip.set_remote(fabric.clone());
         let f2 = fabric.clone();
         stop.set_hook(Box::new(move |r| {
@@ -352,8 +366,7 @@ pub fn run_on(
             fabric.io_counters(),
             status.clone(),
         );
-        let homes = cfg.disks.iter().map(|d| d.host).collect();
-        devices = devices.clustered(fabric, me, homes);
+        devices = devices.clustered(fabric, me, &placement);
         // Every host serves the forwarded accesses to the devices it is home of.
         io_server = Some(rx);
     }
@@ -437,7 +450,8 @@ pub fn run_on(
             }
         }
     }
-    if me == 0 {
+    // The console home (host 0 by default) feeds stdin to the serial port.
+    if me == usize::from(placement.console_home) {
         let d = devices.clone();
         // Detached: it blocks in read(2) on stdin and dies with the process.
         let _ = std::thread::Builder::new()

@@ -177,7 +177,7 @@ impl<P: PageOps, N: Net> Engine<P, N> {
     }
 
     pub(crate) fn home(&self, pfn: Pfn) -> HostId {
-        home_of(self.policy, &self.hosts, pfn)
+        home_of(&self.policy, &self.hosts, pfn)
     }
 
     fn idx(&self, h: HostId) -> Option<usize> {

@@ -6,15 +6,16 @@
 //!   shorthand destinations go to every other host). A lowest-priority message with a logical or
 //!   broadcast destination must reach one APIC only: it is delivered on the sending host if one
 //!   of its APICs matches, else passed host by host around the ring (host order) until one
-//!   matches or it is back at its origin. Level-triggered EOIs go to host 0, which has the
-//!   IOAPIC, as `Eoi`.
-//! - Forwarded I/O: every device has a home host (serial, PIO and the IOAPIC on host 0, each
-//!   virtio-blk disk where its config says); a PIO or MMIO exit (other than the local APIC) on
+//!   matches or it is back at its origin. Level-triggered EOIs go to the IOAPIC's home (the
+//!   placement's `ioapic_home`, host 0 by default) as `Eoi`.
+//! - Forwarded I/O: every device has a home host in the [`Placement`] (serial and PIO at the
+//!   console home, the IOAPIC at its home, both host 0 by default; each virtio-blk disk where
+//!   its config says); a PIO or MMIO exit (other than the local APIC) on
 //!   another host becomes an `Mmio`/`Pio` request to the home, answered with `IoReply`. Each
 //!   host serves them on its own `io-server` thread (queue bounded by [`IO_QUEUE`]), never on a
 //!   transport thread, because device emulation touches guest RAM and may fault on a page that
 //!   the transport must bring in. A device whose home lacks the IOAPIC raises `IrqPulse` to
-//!   host 0.
+//!   the IOAPIC's home.
 //! - Stop: the first stop on any host is sent to every other host as `Stop`; a host that dies
 //!   (transport `Down`) stops the others with an error naming it.
 //!
@@ -34,6 +35,7 @@ use irqchip::{DeliveryMode, IrqChip, RemoteIrq, Shorthand};
 use proto::{HostId, Message, Service, IPI_FROM_DEVICE, IPI_LOGICAL, IPI_X2APIC};
 use transport::{Handler, PeerEvent, Responder, Transport};
 
+use super::Placement;
 use crate::devices::Devices;
 use crate::stop::{StopReason, Stopper};
 
@@ -63,22 +65,20 @@ pub struct Fabric {
     me: usize,
     hosts: usize,
     cpu_host: Vec<usize>,
+    /// Where level EOIs and device pulses go (the placement's `ioapic_home`).
+    ioapic_home: usize,
     io: Arc<IoCounters>,
 }
 
 impl Fabric {
-    /// The fabric of host `me` among `hosts`, with vCPU `i` on host `cpu_host[i]`.
-    pub fn new(
-        transport: Arc<dyn Transport>,
-        me: usize,
-        hosts: usize,
-        cpu_host: Vec<usize>,
-    ) -> Self {
+    /// The fabric of host `me` under `placement` (its hosts, vCPU hosts and IOAPIC home).
+    pub fn new(transport: Arc<dyn Transport>, me: usize, placement: &Placement) -> Self {
         Fabric {
             transport,
             me,
-            hosts,
-            cpu_host,
+            hosts: usize::from(placement.hosts),
+            cpu_host: placement.cpu_hosts(),
+            ioapic_home: usize::from(placement.ioapic_home),
             io: Arc::default(),
         }
     }
@@ -188,12 +188,12 @@ impl RemoteIrq for Fabric {
     }
 
     fn eoi(&self, vector: u8) {
-        self.send_to(0, Message::Eoi { vector });
+        self.send_to(self.ioapic_home, Message::Eoi { vector });
     }
 
     fn pulse(&self, pin: u32) {
         match u8::try_from(pin) {
-            Ok(pin) => self.send_to(0, Message::IrqPulse { pin }),
+            Ok(pin) => self.send_to(self.ioapic_home, Message::IrqPulse { pin }),
             Err(_) => log::warn!("IOAPIC pin {pin} out of range; interrupt dropped"),
         }
     }
@@ -208,12 +208,12 @@ impl RemoteIrq for Fabric {
 
 impl Fabric {
     /// The host after this one in host order (wrapping) unless that is the host where a
-    /// message from `from` started: the sending vCPU's host, or host 0 for devices (the
-    /// IOAPIC lives there). None also for a sender that is no vCPU of the machine.
+    /// message from `from` started: the sending vCPU's host, or the IOAPIC's home for devices.
+    /// None also for a sender that is no vCPU of the machine.
     fn next_in_ring(&self, from: Option<usize>) -> Option<usize> {
         let origin = match from {
             Some(cpu) => *self.cpu_host.get(cpu)?,
-            None => 0,
+            None => self.ioapic_home,
         };
         let next = (self.me + 1) % self.hosts.max(1);
         (next != origin && next != self.me).then_some(next)
@@ -370,7 +370,7 @@ pub fn io_server(rx: mpsc::Receiver<IoWork>, devices: Arc<Devices>, stop: Arc<St
 pub struct ControlService {
     /// This host's stop flag.
     pub stop: Arc<Stopper>,
-    /// Latest status JSON per host (kept on host 0).
+    /// Latest status JSON per host (kept on the status home).
     pub status: Arc<Mutex<BTreeMap<u32, String>>>,
 }
 
@@ -557,11 +557,19 @@ mod tests {
 
     /// `n` hosts with one vCPU each; vCPU i has the flat logical ID 1 << i.
     fn ring(n: u8) -> (Vec<Arc<IrqChip>>, Wire) {
+        ring_with_ioapic(n, 0)
+    }
+
+    /// `n` hosts with one vCPU each, the IOAPIC on host `ioapic_home`.
+    fn ring_with_ioapic(n: u8, ioapic_home: u16) -> (Vec<Arc<IrqChip>>, Wire) {
         let queue = Arc::new(Mutex::new(Vec::new()));
+        let mut placement = Placement::initial(&vec![1; usize::from(n)], &[], 0, 1);
+        placement.ioapic_home = ioapic_home;
         let chips: Vec<Arc<IrqChip>> = (0..n)
             .map(|h| {
                 let local = (0..n).map(|i| i == h).collect();
-                let chip = Arc::new(IrqChip::with_local(n, local));
+                let ioapic_local = u16::from(h) == ioapic_home;
+                let chip = Arc::new(IrqChip::with_local(n, local, ioapic_local));
                 let l = &chip.lapics[usize::from(h)];
                 let now = std::time::Instant::now();
                 l.lock().write(0xf0, 0x1ff, now);
@@ -570,8 +578,7 @@ mod tests {
                     me: u16::from(h),
                     queue: queue.clone(),
                 });
-                let cpu_host = (0..usize::from(n)).collect();
-                let fabric = Fabric::new(mesh, usize::from(h), usize::from(n), cpu_host);
+                let fabric = Fabric::new(mesh, usize::from(h), &placement);
                 chip.set_remote(Arc::new(fabric));
                 chip
             })
@@ -590,10 +597,14 @@ mod tests {
             for (from, to, msg) in batch {
                 hops += 1;
                 assert!(hops < 100, "message loops between hosts");
-                let svc = VcpuService {
-                    chip: chips[usize::from(to)].clone(),
-                };
-                svc.on_message(HostId(from), msg, None);
+                let chip = chips[usize::from(to)].clone();
+                if matches!(msg, Message::Eoi { .. } | Message::IrqPulse { .. }) {
+                    let (queue, _) = mpsc::sync_channel(1);
+                    let io = Arc::default();
+                    IoService { chip, queue, io }.on_message(HostId(from), msg, None);
+                } else {
+                    VcpuService { chip }.on_message(HostId(from), msg, None);
+                }
             }
         }
     }
@@ -655,6 +666,45 @@ mod tests {
         }
         .on_message(HostId(0), bad, None);
         assert_eq!(pump(&chips, &q), 0);
+    }
+
+    #[test]
+    fn the_ioapic_can_live_on_another_host_than_vcpu_0() {
+        // IOAPIC on host 1; pin 5 (edge, vector 0x35) goes to APIC 0 on host 0.
+        let (chips, q) = ring_with_ioapic(3, 1);
+        chips[1].ioapic_write(0x00, 0x10 + 2 * 5);
+        chips[1].ioapic_write(0x10, 0x35);
+        chips[1].ioapic_write(0x00, 0x11 + 2 * 5);
+        chips[1].ioapic_write(0x10, 0);
+        // A device on host 2 pulses the pin: IrqPulse to host 1, whose IOAPIC sends the
+        // message to host 0.
+        chips[2].pulse(5);
+        assert!(matches!(
+            q.lock().unwrap().as_slice(),
+            [(2, 1, Message::IrqPulse { pin: 5 })]
+        ));
+        assert_eq!(pump(&chips, &q), 2);
+        assert_eq!(pending(&chips), vec![Some(0x35), None, None]);
+        // A level-triggered EOI on host 0 goes to the IOAPIC's home, not to host 0's copy.
+        chips[0].apply(irqchip::Effect::LevelEoi(0x35), 0);
+        assert!(matches!(
+            q.lock().unwrap().as_slice(),
+            [(0, 1, Message::Eoi { vector: 0x35 })]
+        ));
+        pump(&chips, &q);
+        // Device-originated lowest-priority messages start their ring walk at the IOAPIC's
+        // home: from host 1, nobody matching, the message visits hosts 2 and 0 and stops.
+        let lowest = irqchip::Message {
+            vector: 0x41,
+            mode: DeliveryMode::LowestPriority,
+            level: false,
+            dest: 0b1000,
+            logical: true,
+            shorthand: Shorthand::None,
+            x2apic: false,
+        };
+        chips[1].deliver(&lowest, None);
+        assert_eq!(pump(&chips, &q), 2);
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! whose page protocol saw a violation is not a clean run, and `up` says so.
 //!
 //! The job JSON carries the cluster file (TOML text), the host's index, the guest-clock epoch
-//! and host 0's state directory; the key itself never travels. A job whose MAC does not verify
+//! and the state directory (the status home, host 0 by default, writes there); the key itself
+//! never travels. A job whose MAC does not verify
 //! is refused and logged, and the daemon keeps waiting.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -92,7 +93,7 @@ pub struct Job {
     pub host: usize,
     /// Guest clock epoch (CLOCK_REALTIME ns).
     pub epoch_ns: u64,
-    /// Where host 0 writes the status.
+    /// Where the status home (host 0 by default) writes the status.
     pub state_dir: Option<PathBuf>,
 }
 
@@ -392,7 +393,8 @@ fn free_port() -> Result<u16, Error> {
 }
 
 impl LocalCluster {
-    /// Starts `hosts` daemons of this executable, host 0 on our stdio, the others logging to
+    /// Starts `hosts` daemons of this executable, the console home (host 0 by default) on our
+    /// stdio, the others logging to
     /// `<dir>/host-<i>.log`. `file` gives the machine; its host list is replaced.
     pub fn start(
         mut file: ClusterFile,
@@ -415,6 +417,7 @@ impl LocalCluster {
         std::fs::write(dir.join("cluster.toml"), file.to_toml()?)
             .map_err(io("writing cluster.toml"))?;
         let exe = std::env::current_exe().map_err(io("current executable"))?;
+        let console = usize::from(file.placement()?.console_home);
         let mut children = Vec::new();
         for (i, h) in file.hosts.iter().enumerate() {
             let mut cmd = Command::new(&exe);
@@ -423,7 +426,7 @@ impl LocalCluster {
                 .arg(&h.addr)
                 .arg("--key-file")
                 .arg(&key_path);
-            if i > 0 {
+            if i != console {
                 let log = std::fs::File::create(dir.join(format!("host-{i}.log")))
                     .map_err(io("host log"))?;
                 let log2 = log.try_clone().map_err(io("host log"))?;

@@ -4,7 +4,7 @@
 //! ```toml
 //! name = "demo"                 # cluster name (its id is derived from it)
 //! memory = "1G"
-//! kernel = "/path/vmlinux"      # read on host 0 only
+//! kernel = "/path/vmlinux"      # read on the boot host only (host 0)
 //! initrd = "/path/initramfs.cpio"
 //! append = "ssi.test=boot"      # optional; `cmdline` replaces the default command line
 //! home_chunk_pages = 512        # DSM home interleave (pages per chunk)
@@ -30,6 +30,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::placement::Placement;
 use crate::config::{self, DiskConfig, VmConfig};
 
 /// Most hosts in one cluster (the DSM directory keeps a 64-bit sharer set).
@@ -92,9 +93,9 @@ pub struct ClusterFile {
     pub name: String,
     /// Guest RAM, e.g. "1G".
     pub memory: String,
-    /// Guest kernel (host 0's path).
+    /// Guest kernel (the boot host's path: host 0's).
     pub kernel: PathBuf,
-    /// Initrd (host 0's path).
+    /// Initrd (the boot host's path: host 0's).
     #[serde(default)]
     pub initrd: Option<PathBuf>,
     /// Replaces the default kernel command line.
@@ -109,7 +110,7 @@ pub struct ClusterFile {
     /// Hosts, in host-id order.
     #[serde(rename = "host")]
     pub hosts: Vec<HostEntry>,
-    /// Disks (served by host 0).
+    /// Disks (each served by its `host`).
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskEntry>,
 }
@@ -144,8 +145,10 @@ pub struct ClusterSpec {
     pub key: Vec<u8>,
     /// Guest clock epoch: host CLOCK_REALTIME (ns) at which guest time is zero.
     pub epoch_ns: u64,
-    /// Where host 0 writes the cluster status (None: nowhere).
+    /// Where the status home (host 0 by default) writes the cluster status (None: nowhere).
     pub state_dir: Option<PathBuf>,
+    /// Where everything lives (identical on every host; [`Placement::initial`] of the file).
+    pub placement: Placement,
 }
 
 impl ClusterFile {
@@ -214,7 +217,8 @@ impl ClusterFile {
         Ok(v)
     }
 
-    /// The machine as a [`VmConfig`] (files are checked only where they are used: host 0).
+    /// The machine as a [`VmConfig`] (files are checked only where they are used: the boot
+    /// host and the disk homes).
     pub fn vm_config(&self) -> Result<VmConfig, Error> {
         let memory = config::parse_size(&self.memory)?;
         let total: u32 = self.hosts.iter().map(|h| h.cpus).sum();
@@ -257,6 +261,7 @@ impl ClusterFile {
             )));
         }
         let addrs = self.addrs()?;
+        let placement = self.placement()?;
         Ok(ClusterSpec {
             name: self.name.clone(),
             cluster_id: cluster_id(&self.name),
@@ -273,7 +278,25 @@ impl ClusterFile {
             key,
             epoch_ns,
             state_dir,
+            placement,
         })
+    }
+
+    /// The initial placement of the machine this file describes (the same on every host).
+    pub fn placement(&self) -> Result<Placement, Error> {
+        let memory = config::parse_size(&self.memory)?;
+        let cpus: Vec<u8> = self
+            .hosts
+            .iter()
+            .map(|h| u8::try_from(h.cpus).unwrap_or(u8::MAX))
+            .collect();
+        let disks: Vec<usize> = self.disks.iter().map(|d| d.host).collect();
+        Ok(Placement::initial(
+            &cpus,
+            &disks,
+            memory,
+            self.home_chunk_pages,
+        ))
     }
 }
 
@@ -285,13 +308,9 @@ pub fn cluster_id(name: &str) -> u64 {
 }
 
 impl ClusterSpec {
-    /// The host index of every vCPU (vCPUs are numbered host by host).
+    /// The host index of every vCPU (from the placement).
     pub fn cpu_hosts(&self) -> Vec<usize> {
-        self.hosts
-            .iter()
-            .enumerate()
-            .flat_map(|(h, s)| std::iter::repeat_n(h, usize::from(s.cpus)))
-            .collect()
+        self.placement.cpu_hosts()
     }
 
     /// Total vCPUs.

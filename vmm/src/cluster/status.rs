@@ -1,5 +1,6 @@
-//! Cluster status: every host reports once a second (its vCPUs and DSM page counts) to host 0,
-//! which writes `<state dir>/status.json`; `ssi-vmm status` reads and prints it.
+//! Cluster status: every host reports once a second (its vCPUs and DSM page counts) to the
+//! placement's status home (host 0 by default), which writes `<state dir>/status.json`;
+//! `ssi-vmm status` reads and prints it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,10 @@ use crate::stop::Stopper;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No status file.
-    #[error("no cluster status under {0}: is a cluster running on this machine (host 0)?")]
+    #[error(
+        "no cluster status under {0}: is a cluster running on this machine (its status home, \
+         host 0 by default)?"
+    )]
     NoClusters(PathBuf),
     /// The status file cannot be read or parsed.
     #[error("{path}: {detail}")]
@@ -88,7 +92,8 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// A reporter for host `spec.me`; on host 0, `reports` collects the other hosts' reports.
+    /// A reporter for host `spec.me`; on the status home, `reports` collects the other hosts'
+    /// reports.
     pub fn new(
         spec: ClusterSpec,
         stats: Arc<dsm_vm::stats::Stats>,
@@ -105,14 +110,15 @@ impl Reporter {
 
     fn mine(&self) -> HostStatus {
         let s = self.stats.snapshot();
-        let first: u32 = self.spec.hosts[..self.spec.me]
-            .iter()
-            .map(|h| u32::from(h.cpus))
-            .sum();
         HostStatus {
             host: self.spec.me as u32,
             addr: self.spec.hosts[self.spec.me].addr.to_string(),
-            vcpus: (first..first + u32::from(self.spec.hosts[self.spec.me].cpus)).collect(),
+            vcpus: self
+                .spec
+                .placement
+                .vcpus_of(self.spec.me)
+                .map(|i| i as u32)
+                .collect(),
             resident_pages: s.resident_pages,
             owned_pages: s.owned_pages,
             directory_entries: s.directory_entries,
@@ -132,14 +138,15 @@ impl Reporter {
             let stopped = stop.stopped();
             let me = self.mine();
             let json = serde_json::to_string(&me).unwrap_or_default();
-            if self.spec.me == 0 {
+            let home = self.spec.placement.status_home;
+            if self.spec.me == usize::from(home) {
                 self.reports
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(0, json);
+                    .insert(self.spec.me as u32, json);
                 self.write(stopped);
             } else {
-                let _ = transport.send(HostId(0), Message::Status { json });
+                let _ = transport.send(HostId(home), Message::Status { json });
             }
             if stopped {
                 return;

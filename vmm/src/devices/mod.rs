@@ -4,8 +4,10 @@
 //! MMIO: the local APIC (per vCPU), the IOAPIC and virtio-mmio windows. Unclaimed reads return
 //! all-ones like an empty bus; unclaimed writes are dropped.
 //!
-//! In a cluster every device has a home host: the serial port, the legacy ports and the IOAPIC
-//! live on host 0, each virtio disk on the host its configuration names. An access by a vCPU on
+//! In a cluster every device has a home host, given by the cluster's
+//! [`Placement`](crate::cluster::Placement): the serial port and the legacy ports at the console
+//! home, the IOAPIC at its home (both host 0 by default), each virtio disk at its disk home (the
+//! host its configuration names). An access by a vCPU on
 //! another host is forwarded to the home ([`crate::cluster::fabric`]) and served there by the
 //! io-server thread through the `local_*` entry points, which never forward again. The local
 //! APIC is always the accessing vCPU's own.
@@ -19,7 +21,7 @@ use std::time::Instant;
 use irqchip::IrqChip;
 use proto::Message;
 
-use crate::cluster::Fabric;
+use crate::cluster::{Fabric, Placement};
 use crate::layout::*;
 use crate::stop::{StopReason, Stopper};
 
@@ -29,6 +31,10 @@ struct Routing {
     me: usize,
     /// Home host of each virtio-mmio slot.
     virtio_home: Vec<usize>,
+    /// Home of the IOAPIC's MMIO window.
+    ioapic_home: usize,
+    /// Home of the serial port, the legacy ports and anything else unclaimed.
+    console_home: usize,
 }
 
 /// All devices of the machine.
@@ -61,30 +67,36 @@ impl Devices {
         }
     }
 
-    /// The devices of cluster host `me`: accesses to devices homed elsewhere (host 0's
-    /// platform devices, virtio slot `i` on `virtio_home[i]`) are forwarded through `fabric`.
-    pub fn clustered(mut self, fabric: Arc<Fabric>, me: usize, virtio_home: Vec<usize>) -> Self {
+    /// The devices of cluster host `me`: accesses to devices homed elsewhere under
+    /// `placement` (console, legacy ports and IOAPIC at their homes, virtio slot `i` at
+    /// `disk_home[i]`) are forwarded through `fabric`.
+    pub fn clustered(mut self, fabric: Arc<Fabric>, me: usize, placement: &Placement) -> Self {
         self.routing = Some(Routing {
             fabric,
             me,
-            virtio_home,
+            virtio_home: placement.disk_homes(),
+            ioapic_home: usize::from(placement.ioapic_home),
+            console_home: usize::from(placement.console_home),
         });
         self
     }
 
-    /// The host that emulates what lives at MMIO address `addr` (local APIC excluded).
+    /// The host that emulates what lives at MMIO address `addr` (local APIC excluded), if it
+    /// is not this one.
     fn mmio_home(&self, addr: u64) -> Option<usize> {
         let r = self.routing.as_ref()?;
         let home = match virtio_slot(addr) {
-            Some((slot, _)) => r.virtio_home.get(slot).copied().unwrap_or(0),
-            None => 0,
+            Some((slot, _)) => r.virtio_home.get(slot).copied().unwrap_or(r.console_home),
+            None if window(addr, IOAPIC_ADDR, APIC_WINDOW).is_some() => r.ioapic_home,
+            None => r.console_home,
         };
         (home != r.me).then_some(home)
     }
 
-    /// The host that emulates port I/O (host 0), if it is not this one.
+    /// The host that emulates port I/O (the console home), if it is not this one.
     fn pio_home(&self) -> Option<usize> {
-        self.routing.as_ref().filter(|r| r.me != 0).map(|_| 0)
+        let r = self.routing.as_ref()?;
+        (r.console_home != r.me).then_some(r.console_home)
     }
 
     /// Forwards an access to host `home`; returns the value read (all-ones after a failure,
