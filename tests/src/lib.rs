@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Root of the repository.
@@ -248,9 +248,43 @@ pub fn debugfs_cat(image: &Path, file: &str) -> String {
 /// Starts `ssi-vmm` with `args`, records when each of `markers` shows up on the console, and
 /// kills it at `deadline`.
 pub fn run_vmm(args: &[&str], markers: &[&str], deadline: Duration) -> Run {
+    run_vmm_with(args, &[], markers, deadline, &mut |_, _| {})
+}
+
+/// Console lines with the time the test read each from the VMM's stdout (shared with the
+/// callback of [`run_vmm_with`], which runs while later lines keep arriving).
+#[derive(Clone, Default)]
+pub struct Arrivals(Arc<Mutex<Vec<(Instant, String)>>>);
+
+impl Arrivals {
+    /// The lines read at or after `t`.
+    pub fn since(&self, t: Instant) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(at, _)| *at >= t)
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+}
+
+/// [`run_vmm`] with extra environment variables, calling `on_mark(marker, arrivals)` when a
+/// marker first appears (the VMM keeps running meanwhile; its console lines are still
+/// recorded, with their arrival times, in `arrivals`). The callback should not panic: the VMM
+/// would be left running.
+pub fn run_vmm_with(
+    args: &[&str],
+    envs: &[(&str, &Path)],
+    markers: &[&str],
+    deadline: Duration,
+    on_mark: &mut dyn FnMut(&str, &Arrivals),
+) -> Run {
     let start = Instant::now();
+    let arrivals = Arrivals::default();
     let mut child: Child = Command::new(vmm_bin())
         .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, *v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -259,13 +293,17 @@ pub fn run_vmm(args: &[&str], markers: &[&str], deadline: Duration) -> Run {
     let stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel::<String>();
+    let arrived = arrivals.clone();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n') {
             let Ok(line) = line else { break };
-            if tx
-                .send(String::from_utf8_lossy(&line).into_owned())
-                .is_err()
-            {
+            let line = String::from_utf8_lossy(&line).into_owned();
+            arrived
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((Instant::now(), line.clone()));
+            if tx.send(line).is_err() {
                 break;
             }
         }
@@ -293,6 +331,7 @@ pub fn run_vmm(args: &[&str], markers: &[&str], deadline: Duration) -> Run {
                 for m in markers {
                     if line.contains(m) && !marks.iter().any(|(x, _): &(String, Duration)| x == m) {
                         marks.push((m.to_string(), start.elapsed()));
+                        on_mark(m, &arrivals);
                     }
                 }
                 if let Some(f) = tee.as_mut() {

@@ -140,3 +140,96 @@ fn unreadable_disk() {
         "is on host 1, but the machine has 1 host(s)",
     );
 }
+
+/// Runs ssi-vmm with `SSI_VMM_STATE_DIR=root` and returns (exit code, stderr).
+fn run_in(root: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(vmm_bin())
+        .args(args)
+        .env("SSI_VMM_STATE_DIR", root)
+        .output()
+        .expect("run ssi-vmm");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "ssi-vmm panicked: {err}");
+    (out.status.code().unwrap_or(-1), err)
+}
+
+fn state_root(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ssi-cli-state-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    d
+}
+
+#[test]
+fn pause_and_resume_of_a_missing_vm() {
+    let root = state_root("missing");
+    for verb in ["pause", "resume"] {
+        let (code, err) = run_in(&root, &[verb, "nosuchvm"]);
+        assert_ne!(code, 0, "{verb}: {err}");
+        assert!(err.contains("no VM named \"nosuchvm\""), "{verb}: {err}");
+    }
+    let (code, err) = run_in(&root, &["pause", "../etc"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid VM name"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn pause_of_an_exited_vm() {
+    let root = state_root("exited");
+    // A state directory without a socket: the VM is gone.
+    std::fs::create_dir_all(root.join("gone")).expect("mkdir");
+    let (code, err) = run_in(&root, &["pause", "gone"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("has no control socket"), "{err}");
+    // A stale socket left by a VM that died: nobody listens.
+    std::fs::create_dir_all(root.join("dead")).expect("mkdir");
+    drop(std::os::unix::net::UnixListener::bind(root.join("dead/control.sock")).expect("bind"));
+    let (code, err) = run_in(&root, &["resume", "dead"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("the VM has exited"), "{err}");
+    // The same for a cluster host's socket.
+    std::fs::create_dir_all(root.join("cl")).expect("mkdir");
+    drop(std::os::unix::net::UnixListener::bind(root.join("cl/host-0.sock")).expect("bind"));
+    let (code, err) = run_in(&root, &["pause", "cl"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("host 0:") && err.contains("has exited"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn run_refuses_a_bad_or_taken_name() {
+    let root = state_root("name");
+    let k = tmp("kname", &[0; 16]);
+    let (code, err) = run_in(
+        &root,
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap_or_default(),
+            "--name",
+            "a/b",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid VM name"), "{err}");
+    // Something that is not a socket where the control socket goes.
+    std::fs::create_dir_all(root.join("taken")).expect("mkdir");
+    std::fs::write(root.join("taken/control.sock"), b"x").expect("write");
+    let (code, err) = run_in(
+        &root,
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap_or_default(),
+            "--name",
+            "taken",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a socket"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}

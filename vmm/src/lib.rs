@@ -11,12 +11,15 @@
 //!   device interrupt lines.
 //! - [`devices`]: serial, legacy ports, MMIO/PIO dispatch, virtio-mmio windows.
 //! - [`vcpu`]: the KVM_RUN loop, and [`vcpu::quirks`], fix-ups for emulating hosts.
-//! - [`vm`]: assembling and running a machine, alone or as one host of a cluster.
+//! - [`vm`]: the [`vm::Vm`] of this host: building, running, pausing and stopping a machine,
+//!   alone or as one host of a cluster.
 //! - [`cluster`]: placement, cross-host interrupts and I/O, `host`/`up`/`status`.
+//! - [`control`]: the per-process control socket (`pause`, `resume`, `status`).
 
 pub mod boot;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod irq;
 pub mod layout;

@@ -27,6 +27,50 @@ enum Cmd {
     Up(UpArgs),
     /// Print the hosts, vCPUs and page counts of the clusters running on this machine.
     Status(StatusArgs),
+    /// Pause a running VM (a `run --name NAME` VM, or every host of cluster NAME).
+    Pause(ControlArgs),
+    /// Resume a paused VM.
+    Resume(ControlArgs),
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The VM's name (`run --name`, or the cluster name).
+    name: String,
+    /// State directory root (default $SSI_VMM_STATE_DIR or /run/ssi-vmm).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+/// Sends `op` to every control socket of VM `a.name`. A pause that fails on some host is
+/// undone on the others.
+fn control_main(a: ControlArgs, op: vmm::control::Op) -> Result<(), String> {
+    use vmm::control::{self, Op};
+    let root = a.state_dir.unwrap_or_else(vmm::cluster::status::state_root);
+    let endpoints = control::endpoints(&root, &a.name).map_err(|e| e.to_string())?;
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for ep in &endpoints {
+        match control::request(&ep.path, op) {
+            Ok(_) => done.push(ep),
+            Err(e) => failed.push(format!("{}: {e}", ep.label)),
+        }
+    }
+    if failed.is_empty() {
+        let what = if op == Op::Pause { "paused" } else { "resumed" };
+        eprintln!("ssi-vmm: {} {what}", a.name);
+        return Ok(());
+    }
+    let mut msg = format!("{} failed: {}", op.name(), failed.join("; "));
+    if op == Op::Pause && !done.is_empty() {
+        let undone: Vec<&str> = done
+            .iter()
+            .filter(|ep| control::request(&ep.path, Op::Resume).is_ok())
+            .map(|ep| ep.label.as_str())
+            .collect();
+        msg.push_str(&format!(" (resumed again: {})", undone.join(", ")));
+    }
+    Err(msg)
 }
 
 #[derive(clap::Args)]
@@ -207,6 +251,24 @@ struct RunArgs {
     /// Write exit statistics as JSON to this file when the VM stops.
     #[arg(long)]
     stats_json: Option<PathBuf>,
+    /// VM name: its control socket is `<state root>/NAME/control.sock` (default run-<pid>).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+/// Creates `<state root>/<name>/` and binds its control socket.
+fn run_control(name: &str) -> Result<(PathBuf, vmm::control::Listener), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    vmm::control::validate_name(name).map_err(|e| e.to_string())?;
+    let dir = vmm::cluster::status::state_root().join(name);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("cannot create state directory {}: {e}", dir.display()))?;
+    let l = vmm::control::Listener::bind(&dir.join(vmm::control::RUN_SOCKET))
+        .map_err(|e| e.to_string())?;
+    Ok((dir, l))
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, config::Error> {
@@ -269,7 +331,30 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Pause(a) => match control_main(a, vmm::control::Op::Pause) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ssi-vmm: error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Resume(a) => match control_main(a, vmm::control::Op::Resume) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ssi-vmm: error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Run(args) => {
+            let named = args.name.is_some();
+            let name = args
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("run-{}", std::process::id()));
+            if let Err(e) = vmm::control::validate_name(&name) {
+                eprintln!("ssi-vmm: error: {e}");
+                return ExitCode::from(1);
+            }
             let cfg = match build_config(args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -277,7 +362,37 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match vmm::vm::run(&cfg) {
+            // A VM named on the command line must be controllable; an unnamed one runs without
+            // a control socket when the state root is not writable.
+            let control = match run_control(&name) {
+                Ok(x) => Some(x),
+                Err(e) if !named => {
+                    eprintln!("ssi-vmm: warning: no control socket: {e}");
+                    None
+                }
+                Err(e) => {
+                    eprintln!("ssi-vmm: error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let (dir, listener) = control.unzip();
+            let result = vmm::vm::Vm::start(&cfg, None).and_then(|vm| {
+                let server = match listener {
+                    Some(l) => Some(
+                        vmm::control::Server::start(l, vm.controller())
+                            .map_err(|e| vmm::vm::Error::Control(Box::new(e)))?,
+                    ),
+                    None => None,
+                };
+                let report = vm.wait();
+                drop(server);
+                Ok(report)
+            });
+            // The state directory goes too once empty (the socket is removed with the server).
+            if let Some(d) = dir {
+                let _ = std::fs::remove_dir(d);
+            }
+            match result {
                 Ok(report) => {
                     eprintln!(
                         "ssi-vmm: guest stopped: {} after {:.1} s",

@@ -82,6 +82,9 @@ pub enum Error {
     /// The VM failed on this host.
     #[error(transparent)]
     Vm(#[from] Box<crate::vm::Error>),
+    /// The control socket could not be set up.
+    #[error("control socket: {0}")]
+    Control(#[from] crate::control::Error),
 }
 
 /// What `up` sends each host (plain serde data).
@@ -205,9 +208,19 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
                     spec.me
                 )));
             }
-            Ok((spec, cfg))
+            // The control socket before accepting: a name clash is reported to `up`.
+            let control = match &spec.state_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(dir).map_err(io(&dir.display().to_string()))?;
+                    Some(crate::control::Listener::bind(
+                        &dir.join(crate::control::host_socket(spec.me)),
+                    )?)
+                }
+                None => None,
+            };
+            Ok((spec, cfg, control))
         });
-        let (spec, cfg) = match accepted {
+        let (spec, cfg, control) = match accepted {
             Ok(x) => x,
             Err(Error::EarlyPeer) => {
                 log::debug!("{peer}: a cluster peer dialed before our job arrived; it will retry");
@@ -222,7 +235,14 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
         let _ = writeln!(stream, "OK");
         let me = spec.me;
         log::info!("host {me}: job from {peer} accepted");
-        let result = crate::vm::run_on(&cfg, Some((spec, listener)));
+        let result = crate::vm::Vm::start(&cfg, Some((spec, listener))).map(|vm| {
+            let _server = control.and_then(|l| {
+                crate::control::Server::start(l, vm.controller())
+                    .map_err(|e| log::error!("host {me}: no control socket: {e}"))
+                    .ok()
+            });
+            vm.wait()
+        });
         let report = match &result {
             Ok(r) => ExitReport {
                 code: r.exit_code,

@@ -1,6 +1,7 @@
 //! vCPU threads: the `KVM_RUN` loop with interrupt injection from the userspace local APIC,
 //! HLT handled in the VMM, exits dispatched to devices, and each APIC's timer thread.
 
+pub mod control;
 pub mod decode;
 pub mod quirks;
 pub mod state;
@@ -24,6 +25,7 @@ use crate::irq::Kicker;
 use crate::layout::{APIC_WINDOW, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::stats::{Exit, Stats};
 use crate::stop::{StopReason, Stopper};
+use control::{Activity, AfterEvents, VcpuControl};
 
 ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_interrupt);
 
@@ -68,6 +70,19 @@ pub struct Vcpu {
     pub tsc_khz: u64,
     /// Shadow page-table invalidation (cluster hosts without two-dimensional paging).
     pub zap: Option<Arc<crate::cluster::shadow::ShadowZap>>,
+    /// Pause / resume / stop requests from the VM ([`control`]).
+    pub control: VcpuControl,
+}
+
+/// Why a wait outside `KVM_RUN` ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Woken {
+    /// Go on into the guest.
+    Run,
+    /// The VM stops.
+    Stop,
+    /// A control event is pending: handle it first.
+    Event,
 }
 
 extern "C" fn noop_handler(_: libc::c_int) {}
@@ -92,6 +107,7 @@ impl Vcpu {
     pub fn run(mut self) {
         let result = self.run_loop();
         self.lapic.set_kicker(None);
+        self.control.shared.set_activity(Activity::Stopped);
         if let Err(e) = result {
             log::error!("{e}");
             self.stop.request(StopReason::Error(e.to_string()));
@@ -126,17 +142,49 @@ impl Vcpu {
                 self.index
             ),
         }
+        // Parked on HLT (kept across a pause, so a halted vCPU does not wake up spuriously).
+        let mut halted = false;
+        let mut exits: u64 = 0;
+        self.control.shared.set_activity(Activity::Running);
         loop {
             if self.stop.stopped() {
                 return Ok(());
             }
-            if !self.wait_until_running()? {
-                return Ok(());
+            // The only control check on the hot path: one relaxed load.
+            if self.control.shared.pending() {
+                let stop = self.stop.clone();
+                let fd = &self.fd;
+                let idx = self.index;
+                let r = self.control.handle_events(&|| stop.stopped(), &mut || {
+                    // Tell a paravirtual-clock guest it was paused (no soft-lockup reports).
+                    if let Err(e) = fd.kvmclock_ctrl() {
+                        log::debug!("vCPU {idx}: KVMCLOCK_CTRL: {e}");
+                    }
+                });
+                if r == AfterEvents::Stop {
+                    return Ok(());
+                }
+                continue;
+            }
+            if halted {
+                match self.halt() {
+                    // Woken by an interrupt, an NMI or INIT (then the SIPI wait below).
+                    Woken::Run => halted = false,
+                    Woken::Stop => return Ok(()),
+                    Woken::Event => continue,
+                }
+            }
+            match self.wait_until_running()? {
+                Woken::Run => {}
+                Woken::Stop => return Ok(()),
+                Woken::Event => continue,
             }
             self.inject()?;
             let gate = self.zap.as_ref().map(|z| z.enter());
             let exit = self.fd.run();
             drop(gate);
+            exits += 1;
+            self.control.shared.set_exits(exits);
             let idx = self.index;
             match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -157,7 +205,7 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Hlt) => {
                     self.stats.count(Exit::Hlt);
-                    self.halt();
+                    halted = true;
                 }
                 Ok(VcpuExit::IrqWindowOpen) => self.stats.count(Exit::IrqWindow),
                 Ok(VcpuExit::X86Rdmsr(m)) => {
@@ -221,16 +269,19 @@ impl Vcpu {
         }
     }
 
-    /// Blocks an application processor until SIPI; loads its start state. Returns false if the
-    /// VM stopped meanwhile.
-    fn wait_until_running(&mut self) -> Result<bool, Error> {
+    /// Blocks an application processor until SIPI; loads its start state. Also ends when the
+    /// VM stops or a control event is pending.
+    fn wait_until_running(&mut self) -> Result<Woken, Error> {
         let mut st = self.lapic.lock();
         loop {
             if self.stop.stopped() {
-                return Ok(false);
+                return Ok(Woken::Stop);
+            }
+            if self.control.shared.pending() {
+                return Ok(Woken::Event);
             }
             match st.run_state {
-                RunState::Running => return Ok(true),
+                RunState::Running => return Ok(Woken::Run),
                 RunState::Starting(vector) => {
                     st.run_state = RunState::Running;
                     drop(st);
@@ -240,9 +291,11 @@ impl Vcpu {
                         u32::from(vector) << 12
                     );
                     cpu::start_ap(&self.fd, vector).map_err(|e| Error::Start(self.index, e))?;
-                    return Ok(true);
+                    self.control.shared.set_activity(Activity::Running);
+                    return Ok(Woken::Run);
                 }
                 RunState::WaitForSipi => {
+                    self.control.shared.set_activity(Activity::WaitingForSipi);
                     st = self
                         .lapic
                         .changed
@@ -288,20 +341,31 @@ impl Vcpu {
         Ok(())
     }
 
-    /// HLT: sleep until an interrupt is deliverable, an NMI or INIT arrives, or the VM stops.
-    fn halt(&self) {
+    /// HLT: sleep until an interrupt is deliverable, an NMI or INIT arrives ([`Woken::Run`]),
+    /// the VM stops, or a control event is pending (the vCPU stays halted).
+    fn halt(&self) -> Woken {
         let mut st = self.lapic.lock();
-        while !self.stop.stopped()
-            && st.deliverable().is_none()
-            && !st.nmi_pending
-            && st.run_state == RunState::Running
-        {
+        self.control.shared.set_activity(Activity::Halted);
+        let woken = loop {
+            if self.stop.stopped() {
+                break Woken::Stop;
+            }
+            if self.control.shared.pending() {
+                break Woken::Event;
+            }
+            if st.deliverable().is_some() || st.nmi_pending || st.run_state != RunState::Running {
+                break Woken::Run;
+            }
             st = self
                 .lapic
                 .changed
                 .wait(st)
                 .unwrap_or_else(|p| p.into_inner());
+        };
+        if woken == Woken::Run {
+            self.control.shared.set_activity(Activity::Running);
         }
+        woken
     }
 
     fn write_tsc_deadline(&mut self, value: u64) -> Result<(), Error> {

@@ -1,0 +1,696 @@
+//! A machine on this host: [`Vm::start`] builds it from a [`VmConfig`] (alone, or as one host
+//! of a cluster) and starts its threads; [`Vm::pause`], [`Vm::resume`] and [`Vm::stop`] control
+//! the local vCPUs (also through a [`Controller`] shared with the control socket), and
+//! [`Vm::wait`] returns once the guest powered off, reset, or the VMM hit an error.
+//!
+//! - [`build`]: the KVM VM, the guest image, disks, joining the cluster.
+//! - [`memory`]: guest RAM (local or distributed) and its KVM slots.
+//! - vCPU thread control (event channel, acknowledgements): [`crate::vcpu::control`].
+
+mod build;
+mod memory;
+
+pub use build::JOIN_TIMEOUT;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use irqchip::IrqChip;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+
+use crate::boot::{acpi, cpu, loader};
+use crate::cluster::shadow::ShadowZap;
+use crate::cluster::{fabric, status, timesync, ClusterSpec, Fabric, Placement};
+use crate::config::VmConfig;
+use crate::devices::{serial, Devices};
+use crate::irq::IrqLine;
+use crate::layout::*;
+use crate::stats::Stats;
+use crate::stop::{StopReason, Stopper};
+use crate::vcpu::control::{self as vcpu_control, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vcpu::{self, quirks::FixupStats, Vcpu};
+use build::Net;
+use memory::Ram;
+
+/// Errors while building, running or controlling the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// /dev/kvm cannot be used.
+    #[error("cannot use /dev/kvm: {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed while building the VM.
+    #[error("KVM {0} failed: {1}")]
+    KvmIoctl(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {size} bytes of guest memory: {detail}")]
+    Memory {
+        /// Requested size.
+        size: u64,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Kernel or initrd loading failed.
+    #[error(transparent)]
+    Loader(#[from] loader::Error),
+    /// ACPI table construction failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
+    /// vCPU setup failed.
+    #[error(transparent)]
+    Cpu(#[from] cpu::Error),
+    /// A disk could not be opened.
+    #[error("disk {path}: {detail}")]
+    Disk {
+        /// Image path.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A thread could not be spawned.
+    #[error("cannot spawn thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The cluster could not be joined.
+    #[error("cluster: {0}")]
+    Cluster(String),
+    /// Distributed guest memory failed.
+    #[error("distributed memory: {0}")]
+    Dsm(#[from] dsm_vm::Error),
+    /// The VM is stopping: it can no longer be paused or resumed.
+    #[error("the VM is stopping")]
+    Stopping,
+    /// A vCPU did not answer a pause or resume request.
+    #[error("{0}")]
+    Vcpu(#[source] vcpu_control::Error),
+    /// The control socket could not be served.
+    #[error("control socket: {0}")]
+    Control(#[source] Box<crate::control::Error>),
+}
+
+/// What a finished run reports.
+#[derive(Debug, serde::Serialize)]
+pub struct RunReport {
+    /// Why the VM stopped.
+    pub stop: String,
+    /// Process exit status.
+    pub exit_code: i32,
+    /// Wall time from VM creation to stop.
+    pub wall_seconds: f64,
+    /// Exits by reason.
+    pub exits: std::collections::BTreeMap<&'static str, u64>,
+    /// Interrupts injected.
+    pub interrupts_injected: u64,
+    /// Emulation fix-ups by instruction.
+    pub fixups: std::collections::BTreeMap<&'static str, u64>,
+    /// DSM protocol violations or malformed requests seen (0 on a healthy cluster; always 0
+    /// for a single host).
+    pub dsm_protocol_errors: u64,
+    /// DSM messages that could not be sent.
+    pub dsm_send_errors: u64,
+}
+
+/// How long [`Controller::pause`] and [`Controller::resume`] wait for every local vCPU.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One local vCPU as seen by `status`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuStatus {
+    /// vCPU index.
+    pub index: usize,
+    /// What it is doing ("running", "halted", "paused", ...).
+    pub state: &'static str,
+    /// Its `KVM_RUN` exits so far.
+    pub exits: u64,
+}
+
+/// What the VM on this host is doing.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VmStatus {
+    /// "running", "paused" or "stopping".
+    pub state: &'static str,
+    /// The local vCPUs.
+    pub vcpus: Vec<VcpuStatus>,
+}
+
+struct Handles {
+    vcpus: Vec<VcpuHandle>,
+    paused: bool,
+}
+
+/// Pauses, resumes and stops the local vCPUs of a running [`Vm`]; shared with the control
+/// socket. Requests are serialized.
+pub struct Controller {
+    handles: Mutex<Handles>,
+    stop: Arc<Stopper>,
+}
+
+impl Controller {
+    fn lock(&self) -> MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `ev` to every local vCPU and waits up to `timeout` for `want` from each.
+    fn broadcast(
+        h: &Handles,
+        ev: VcpuEvent,
+        want: VcpuResponse,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        for v in &h.vcpus {
+            v.drain();
+        }
+        for v in &h.vcpus {
+            v.send(ev).map_err(Error::Vcpu)?;
+        }
+        let deadline = Instant::now() + timeout;
+        let missing: Vec<usize> = h
+            .vcpus
+            .iter()
+            .filter(|v| !v.wait_for(want, deadline))
+            .map(|v| v.index)
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Vcpu(vcpu_control::Error::Timeout {
+                what,
+                vcpus: missing,
+                timeout,
+            }))
+        }
+    }
+
+    /// Pauses every local vCPU: returns once each has left `KVM_RUN` (or was parked on HLT or
+    /// waiting for SIPI) and acknowledged. On a timeout the vCPUs are resumed again and the
+    /// error names the ones that did not answer.
+    pub fn pause(&self, timeout: Duration) -> Result<(), Error> {
+        let mut h = self.lock();
+        if self.stop.stopped() {
+            return Err(Error::Stopping);
+        }
+        match Self::broadcast(&h, VcpuEvent::Pause, VcpuResponse::Paused, "pause", timeout) {
+            Ok(()) => {
+                h.paused = true;
+                log::info!("paused {} local vCPU(s)", h.vcpus.len());
+                Ok(())
+            }
+            Err(e) => {
+                for v in &h.vcpus {
+                    let _ = v.send(VcpuEvent::Resume);
+                }
+                h.paused = false;
+                Err(if self.stop.stopped() {
+                    Error::Stopping
+                } else {
+                    e
+                })
+            }
+        }
+    }
+
+    /// Resumes every local vCPU (a no-op for running ones).
+    pub fn resume(&self, timeout: Duration) -> Result<(), Error> {
+        let mut h = self.lock();
+        if self.stop.stopped() {
+            return Err(Error::Stopping);
+        }
+        let r = Self::broadcast(
+            &h,
+            VcpuEvent::Resume,
+            VcpuResponse::Resumed,
+            "resume",
+            timeout,
+        );
+        if r.is_ok() {
+            h.paused = false;
+            log::info!("resumed {} local vCPU(s)", h.vcpus.len());
+        }
+        r
+    }
+
+    /// Stops the VM (every vCPU thread ends, paused or not).
+    pub fn stop(&self) {
+        self.stop
+            .request(StopReason::Error("stopped on request".into()));
+        for v in &self.lock().vcpus {
+            let _ = v.send(VcpuEvent::Stop);
+        }
+    }
+
+    /// The VM's state and each local vCPU's.
+    pub fn status(&self) -> VmStatus {
+        let h = self.lock();
+        VmStatus {
+            state: if self.stop.stopped() {
+                "stopping"
+            } else if h.paused {
+                "paused"
+            } else {
+                "running"
+            },
+            vcpus: h
+                .vcpus
+                .iter()
+                .map(|v| VcpuStatus {
+                    index: v.index,
+                    state: v.shared.activity().name(),
+                    exits: v.shared.exits(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A started machine on this host. Dropping it without [`Vm::wait`] stops it and waits.
+pub struct Vm {
+    controller: Arc<Controller>,
+    running: Option<Running>,
+}
+
+/// Everything [`Vm::wait`] tears down. Field order is drop order: the guest memory holders
+/// first, the mappings (`ram`, then `dsm`) after them, the KVM VM last.
+struct Running {
+    started: Instant,
+    threads: Vec<JoinHandle<()>>,
+    timers: Vec<JoinHandle<()>>,
+    stop: Arc<Stopper>,
+    stats: Arc<Stats>,
+    fixups: Arc<FixupStats>,
+    zap: Option<Arc<ShadowZap>>,
+    net: Option<Net>,
+    devices: Arc<Devices>,
+    mem: GuestMemoryMmap,
+    ram: Ram,
+    dsm: Option<dsm_vm::DsmMemory>,
+    _vm: Arc<VmFd>,
+}
+
+/// Builds and runs the VM on this host alone. Returns when it has stopped.
+pub fn run(cfg: &VmConfig) -> Result<RunReport, Error> {
+    run_on(cfg, None)
+}
+
+/// Builds and runs the VM, alone or as host `spec.me` of a cluster (whose transport listens
+/// on `listener`). Returns when it has stopped.
+pub fn run_on(
+    cfg: &VmConfig,
+    cluster: Option<(ClusterSpec, TcpListener)>,
+) -> Result<RunReport, Error> {
+    Ok(Vm::start(cfg, cluster)?.wait())
+}
+
+impl Vm {
+    /// Builds the VM, alone or as host `spec.me` of a cluster (whose transport listens on
+    /// `listener`), and starts its vCPU, timer and service threads.
+    pub fn start(cfg: &VmConfig, cluster: Option<(ClusterSpec, TcpListener)>) -> Result<Vm, Error> {
+        let me = cluster.as_ref().map(|(s, _)| s.me).unwrap_or(0);
+        // Where everything lives: the cluster's placement (the same on every host), or all here.
+        let placement = match &cluster {
+            Some((spec, _)) => spec.placement.clone(),
+            None => Placement::initial(
+                &[cfg.cpus],
+                &cfg.disks.iter().map(|d| d.host).collect::<Vec<_>>(),
+                cfg.memory,
+                512,
+            ),
+        };
+        match &cluster {
+            None => cfg.validate()?,
+            Some((spec, _)) => {
+                cfg.validate_host(me, spec.hosts.len(), usize::from(placement.boot_host))?;
+                placement
+                    .validate(usize::from(cfg.cpus), cfg.disks.len(), cfg.memory)
+                    .map_err(|e| Error::Cluster(e.to_string()))?;
+                if usize::from(placement.hosts) != spec.hosts.len() {
+                    return Err(Error::Cluster(format!(
+                        "the placement has {} hosts, the cluster {}",
+                        placement.hosts,
+                        spec.hosts.len()
+                    )));
+                }
+            }
+        }
+        let started = Instant::now();
+        // The cluster first: a peer that is not there is reported before anything is built.
+        let net = match cluster {
+            Some((spec, listener)) => Some(build::join_cluster(spec, listener)?),
+            None => None,
+        };
+        let (kvm, vm) = build::create_vm()?;
+
+        // `dsm` outlives everything that holds a view of its memory (see `Running`).
+        let mut dsm: Option<dsm_vm::DsmMemory> = None;
+        let ram = match &net {
+            None => memory::local_ram(cfg.memory)?,
+            Some(n) => {
+                let (d, ram) = memory::dsm_ram(n, cfg.memory, &placement)?;
+                dsm = Some(d);
+                ram
+            }
+        };
+        let mem = ram.mem.clone();
+        // SAFETY: `ram` and `dsm` move into `Running` and are dropped only after every vCPU
+        // thread has been joined (or leaked when one cannot be); on an error return below no
+        // vCPU thread has been started yet.
+        let kvm_slots = unsafe { memory::register(&vm, &ram) }?;
+        if let Some(n) = &net {
+            timesync::set_clock(&vm, n.spec.epoch_ns);
+        }
+
+        // The boot host (host 0 by default) loads the guest and runs vCPU 0; the other hosts'
+        // vCPUs wait for INIT/SIPI and see it through the DSM.
+        let kernel_entry = if me == usize::from(placement.boot_host) {
+            Some(build::load_guest(cfg, &mem)?)
+        } else {
+            None
+        };
+
+        let cpu_host = placement.cpu_hosts();
+        let local: Vec<bool> = cpu_host.iter().map(|h| *h == me).collect();
+        let ioapic_local = me == usize::from(placement.ioapic_home);
+        let chip = Arc::new(IrqChip::with_local(cfg.cpus, local, ioapic_local));
+        let stop = Arc::new(Stopper::new(chip.local_lapics()));
+        let stats = Arc::new(Stats::default());
+        let fixups = Arc::new(FixupStats::default());
+        let console = serial::Console::new(IrqLine::new(chip.clone(), SERIAL_IRQ));
+        // Each disk is opened and emulated on its home host only; the other hosts forward.
+        let disk_home = placement.disk_homes();
+        let mut virtio = Vec::new();
+        for (i, d) in cfg.disks.iter().enumerate() {
+            virtio.push(if disk_home.get(i) == Some(&me) {
+                let line = IrqLine::new(chip.clone(), VIRTIO_IRQS[i]);
+                Some(build::open_disk(&d.path, d.read_only, &mem, line)?)
+            } else {
+                None
+            });
+        }
+        let mut devices = Devices::new(console, virtio, chip.clone(), stop.clone());
+        let zap = match &dsm {
+            Some(d) if std::env::var_os("SSI_VMM_NO_SHADOW_ZAP").is_none() => {
+                let z = Arc::new(ShadowZap::new(
+                    vm.clone(),
+                    kvm_slots.clone(),
+                    chip.local_lapics(),
+                ));
+                let z2 = z.clone();
+                d.set_discard_hook(Box::new(move |gpa, page| z2.on_discard(gpa, page)));
+                Some(z)
+            }
+            _ => None,
+        };
+        if let Some(d) = &dsm {
+            // Hosts leave once the VM stops: a peer going away then is no failure.
+            let s = stop.clone();
+            d.set_stopping_probe(Box::new(move || s.stopped()));
+        }
+        let mut io_server = None::<std::sync::mpsc::Receiver<fabric::IoWork>>;
+        let mut io_counters = None;
+        let status = Arc::new(Mutex::new(BTreeMap::new()));
+        if let Some(n) = &net {
+            let fabric = Arc::new(Fabric::new(n.transport.clone(), me, &placement));
+            chip.set_remote(fabric.clone());
+            let f2 = fabric.clone();
+            stop.set_hook(Box::new(move |r| {
+                f2.broadcast(&proto::Message::Stop {
+                    reason: fabric::stop_to_wire(r),
+                })
+            }));
+            let (tx, rx) = std::sync::mpsc::sync_channel(fabric::IO_QUEUE);
+            io_counters = Some(fabric.io_counters());
+            fabric::register(
+                &n.transport,
+                chip.clone(),
+                stop.clone(),
+                tx,
+                fabric.io_counters(),
+                status.clone(),
+            );
+            devices = devices.clustered(fabric, me, &placement);
+            // Every host serves the forwarded accesses to the devices it is home of.
+            io_server = Some(rx);
+        }
+        let devices = Arc::new(devices);
+        if let Some(rx) = io_server {
+            let (d, s) = (devices.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("io-server".into())
+                .spawn(move || fabric::io_server(rx, d, s))
+                .map_err(Error::Thread)?;
+        }
+        if let (Some(n), Some(d), Some(io)) = (&net, &dsm, io_counters) {
+            let reporter =
+                status::Reporter::new(n.spec.clone(), d.stats_source(), io, status.clone());
+            let (t, s) = (n.transport.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("status".into())
+                .spawn(move || reporter.run(t, s))
+                .map_err(Error::Thread)?;
+        }
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::KvmIoctl("GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = Vec::new();
+        let mut handles = Vec::new();
+        for i in 0..cfg.cpus {
+            if !chip.is_local(usize::from(i)) {
+                continue;
+            }
+            let fd = vm
+                .create_vcpu(u64::from(i))
+                .map_err(|e| Error::KvmIoctl("CREATE_VCPU", e))?;
+            let mut cpuid = supported.clone();
+            cpu::patch_cpuid(&mut cpuid, i, cfg.cpus);
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| Error::KvmIoctl("SET_CPUID2", e))?;
+            cpu::setup_fpu_msrs(&fd, i == 0)?;
+            if let (0, Some(entry)) = (i, kernel_entry) {
+                cpu::setup_boot_cpu(&fd, entry)?;
+            }
+            if let Some(n) = &net {
+                timesync::set_tsc(&fd, n.spec.epoch_ns);
+            }
+            let tsc_khz = u64::from(fd.get_tsc_khz().unwrap_or(1_000_000));
+            let lapic = chip.lapics[usize::from(i)].clone();
+            let (handle, control) = vcpu_control::channel(usize::from(i), lapic.clone());
+            handles.push(handle);
+            vcpus.push(Vcpu {
+                index: usize::from(i),
+                fd,
+                lapic,
+                chip: chip.clone(),
+                devices: devices.clone(),
+                mem: mem.clone(),
+                stop: stop.clone(),
+                stats: stats.clone(),
+                fixups: fixups.clone(),
+                tsc_khz,
+                zap: zap.clone(),
+                control,
+            });
+        }
+        vcpu::install_kick_handler().map_err(Error::Thread)?;
+
+        let mut timers = Vec::new();
+        for l in &chip.local_lapics() {
+            let (l, s) = (l.clone(), stop.clone());
+            timers.push(
+                std::thread::Builder::new()
+                    .name(format!("apic-timer-{}", l.id))
+                    .spawn(move || vcpu::timer_thread(l, s))
+                    .map_err(Error::Thread)?,
+            );
+        }
+        let mut threads = Vec::new();
+        for v in vcpus {
+            let name = format!("vcpu-{}", v.index);
+            match std::thread::Builder::new()
+                .name(name)
+                .spawn(move || v.run())
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop.request(StopReason::Error(format!("cannot spawn vCPU thread: {e}")));
+                    break;
+                }
+            }
+        }
+        // The console home (host 0 by default) feeds stdin to the serial port.
+        if me == usize::from(placement.console_home) {
+            let d = devices.clone();
+            // Detached: it blocks in read(2) on stdin and dies with the process.
+            let _ = std::thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || serial::stdin_pump(d));
+        }
+        let controller = Arc::new(Controller {
+            handles: Mutex::new(Handles {
+                vcpus: handles,
+                paused: false,
+            }),
+            stop: stop.clone(),
+        });
+        Ok(Vm {
+            controller,
+            running: Some(Running {
+                started,
+                threads,
+                timers,
+                stop,
+                stats,
+                fixups,
+                zap,
+                net,
+                devices,
+                mem,
+                ram,
+                dsm,
+                _vm: vm,
+            }),
+        })
+    }
+
+    /// The controller of this VM's local vCPUs (for the control socket).
+    pub fn controller(&self) -> Arc<Controller> {
+        self.controller.clone()
+    }
+
+    /// Pauses every local vCPU (see [`Controller::pause`]), waiting at most [`ACK_TIMEOUT`].
+    pub fn pause(&self) -> Result<(), Error> {
+        self.controller.pause(ACK_TIMEOUT)
+    }
+
+    /// Resumes every local vCPU.
+    pub fn resume(&self) -> Result<(), Error> {
+        self.controller.resume(ACK_TIMEOUT)
+    }
+
+    /// Stops the VM; [`Vm::wait`] then returns.
+    pub fn stop(&self) {
+        self.controller.stop();
+    }
+
+    /// Waits until the VM has stopped, tears it down and reports.
+    pub fn wait(mut self) -> RunReport {
+        match self.running.take() {
+            Some(r) => r.wait(),
+            // Unreachable: `running` is only taken here, and `wait` consumes the VM.
+            None => RunReport {
+                stop: "not running".into(),
+                exit_code: 1,
+                wall_seconds: 0.0,
+                exits: BTreeMap::new(),
+                interrupts_injected: 0,
+                fixups: BTreeMap::new(),
+                dsm_protocol_errors: 0,
+                dsm_send_errors: 0,
+            },
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            self.controller.stop();
+            let _ = r.wait();
+        }
+    }
+}
+
+impl Running {
+    fn wait(self) -> RunReport {
+        let Running {
+            started,
+            threads,
+            timers,
+            stop,
+            stats,
+            fixups,
+            zap,
+            net,
+            devices,
+            mem,
+            ram,
+            mut dsm,
+            _vm,
+        } = self;
+        let stuck = join_all(threads, &stop);
+        stop.request(StopReason::Error("all vCPUs stopped".into()));
+        for t in timers {
+            let _ = t.join();
+        }
+        if let Some(n) = &net {
+            // Let the Stop message reach the other hosts before the connections close.
+            std::thread::sleep(Duration::from_millis(300));
+            n.shutdown();
+        }
+        let dsm_stats = dsm.as_ref().map(|d| d.stats_source().snapshot());
+        if stuck {
+            // A vCPU is blocked on a page that nobody will send: its thread still uses guest
+            // RAM, so the mapping must outlive this function. The process exits right after.
+            log::warn!("a vCPU thread did not stop (waiting on a lost page); leaving it behind");
+            std::mem::forget(devices);
+            std::mem::forget(mem);
+            std::mem::forget(ram);
+            if let Some(d) = dsm.take() {
+                std::mem::forget(d);
+            }
+        } else {
+            drop(devices);
+            drop(mem);
+            drop(ram);
+            drop(dsm.take());
+        }
+        if let Some(z) = &zap {
+            log::info!("shadow page tables dropped {} time(s)", z.zaps());
+        }
+        let reason = stop
+            .reason()
+            .unwrap_or(StopReason::Error("no stop reason".into()));
+        RunReport {
+            exit_code: reason.exit_code(),
+            stop: format!("{reason:?}"),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            exits: stats.exits().into_iter().collect(),
+            interrupts_injected: stats.injected.load(std::sync::atomic::Ordering::Relaxed),
+            fixups: fixups.counts(),
+            dsm_protocol_errors: dsm_stats.as_ref().map_or(0, |s| s.protocol_errors),
+            dsm_send_errors: dsm_stats.as_ref().map_or(0, |s| s.send_errors),
+        }
+    }
+}
+
+/// How long vCPU threads get to finish once the machine is stopping.
+const JOIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Joins vCPU threads; once a stop was requested, waits at most [`JOIN_GRACE`]. Returns true
+/// if some thread is still running (blocked on guest memory).
+fn join_all(mut threads: Vec<JoinHandle<()>>, stop: &Stopper) -> bool {
+    let mut stopped_at: Option<Instant> = None;
+    while !threads.is_empty() {
+        let (done, running): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            if t.join().is_err() {
+                stop.request(StopReason::Error("a vCPU thread panicked".into()));
+            }
+        }
+        threads = running;
+        if stop.stopped() {
+            let at = *stopped_at.get_or_insert_with(Instant::now);
+            if at.elapsed() > JOIN_GRACE && !threads.is_empty() {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
