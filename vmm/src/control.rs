@@ -19,7 +19,13 @@
 //! - `"pause"`: every local vCPU leaves guest mode and stays out; answered once all have
 //!   acknowledged (or with an error after a timeout, the vCPUs then running again);
 //! - `"resume"`: every local vCPU runs again;
-//! - `"status"`: the VM's state and each local vCPU's.
+//! - `"status"`: the VM's state and each local vCPU's;
+//! - `"snapshot"` with `"dir"` (an absolute path that must not exist) and `"stop"` (bool,
+//!   default false): pauses the VM (if it is not paused), writes a complete snapshot to `dir`
+//!   (see the `snapshot` crate), then resumes it, or stops it when `stop` is true (a VM that
+//!   was paused before stays paused). A failure leaves no snapshot and the VM as it was.
+//!   Answered once the snapshot is committed, with `"dir"`; a client waits up to
+//!   [`SNAPSHOT_TIMEOUT`]. Single-host (`run`) VMs only for now.
 //!
 //! Unknown fields are ignored. Responses:
 //! - success: `{"ok":true,"version":1,"state":"running"|"paused"|"stopping","vcpus":[...]}`
@@ -60,6 +66,9 @@ pub fn host_socket(i: usize) -> String {
 /// How long a connection may stay silent, and a client waits for an answer (more than a
 /// pause may take).
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a client waits for a snapshot to be written (guest RAM and disks are copied).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Errors of the control socket, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +158,7 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
 }
 
 /// A control operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Pause every local vCPU.
     Pause,
@@ -157,21 +166,38 @@ pub enum Op {
     Resume,
     /// Report the state.
     Status,
+    /// Write a snapshot to `dir` (absolute, must not exist), then resume, or stop if `stop`.
+    Snapshot {
+        /// Where the snapshot goes.
+        dir: PathBuf,
+        /// Stop the VM once the snapshot is committed.
+        stop: bool,
+    },
 }
 
 impl Op {
     /// Its name on the wire.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Op::Pause => "pause",
             Op::Resume => "resume",
             Op::Status => "status",
+            Op::Snapshot { .. } => "snapshot",
         }
     }
 
     /// The request line (without newline).
-    pub fn request(self) -> String {
-        serde_json::json!({ "version": VERSION, "op": self.name() }).to_string()
+    pub fn request(&self) -> String {
+        match self {
+            Op::Snapshot { dir, stop } => serde_json::json!({
+                "version": VERSION,
+                "op": self.name(),
+                "dir": dir.to_string_lossy(),
+                "stop": stop,
+            })
+            .to_string(),
+            _ => serde_json::json!({ "version": VERSION, "op": self.name() }).to_string(),
+        }
     }
 }
 
@@ -195,8 +221,26 @@ pub fn parse_request(line: &[u8]) -> Result<Op, String> {
         Some("pause") => Ok(Op::Pause),
         Some("resume") => Ok(Op::Resume),
         Some("status") => Ok(Op::Status),
+        Some("snapshot") => {
+            let dir = obj
+                .get("dir")
+                .and_then(|d| d.as_str())
+                .ok_or("snapshot: missing or non-string \"dir\"")?;
+            let dir = PathBuf::from(dir);
+            if !dir.is_absolute() {
+                return Err(format!(
+                    "snapshot: \"dir\" must be an absolute path, not {}",
+                    dir.display()
+                ));
+            }
+            let stop = match obj.get("stop") {
+                None => false,
+                Some(v) => v.as_bool().ok_or("snapshot: \"stop\" must be a boolean")?,
+            };
+            Ok(Op::Snapshot { dir, stop })
+        }
         Some(other) => Err(format!(
-            "unknown op {other:?} (expected pause, resume or status)"
+            "unknown op {other:?} (expected pause, resume, status or snapshot)"
         )),
         None => Err("missing or non-string \"op\"".into()),
     }
@@ -218,6 +262,9 @@ pub struct Response {
     /// The local vCPUs (`status`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<Vec<VcpuStatus>>,
+    /// The snapshot written (`snapshot`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
 }
 
 impl Response {
@@ -228,6 +275,7 @@ impl Response {
             error: Some(e.into()),
             state: None,
             vcpus: None,
+            dir: None,
         }
     }
 
@@ -238,6 +286,7 @@ impl Response {
             error: None,
             state: Some(state),
             vcpus,
+            dir: None,
         }
     }
 
@@ -259,6 +308,11 @@ pub trait Target: Send + Sync {
     fn resume(&self) -> Result<(), String>;
     /// The current state.
     fn status(&self) -> VmStatus;
+    /// Writes a snapshot to `dir`, then resumes (or stops, if `stop`). Returns the directory.
+    fn snapshot(&self, dir: &Path, stop: bool) -> Result<PathBuf, String> {
+        let _ = (dir, stop);
+        Err("this VM cannot be snapshotted".into())
+    }
 }
 
 impl Target for Controller {
@@ -271,6 +325,9 @@ impl Target for Controller {
     fn status(&self) -> VmStatus {
         Controller::status(self)
     }
+    fn snapshot(&self, dir: &Path, stop: bool) -> Result<PathBuf, String> {
+        Controller::snapshot(self, dir, stop).map_err(|e| e.to_string())
+    }
 }
 
 /// Answers one request line.
@@ -279,13 +336,21 @@ pub fn handle(target: &dyn Target, line: &[u8]) -> Response {
         Ok(op) => op,
         Err(e) => return Response::error(e),
     };
-    let done = match op {
+    let done = match &op {
         Op::Pause => target.pause(),
         Op::Resume => target.resume(),
         Op::Status => {
             let st = target.status();
             return Response::ok(st.state, Some(st.vcpus));
         }
+        Op::Snapshot { dir, stop } => match target.snapshot(dir, *stop) {
+            Ok(d) => {
+                let mut r = Response::ok(target.status().state, None);
+                r.dir = Some(d.display().to_string());
+                return r;
+            }
+            Err(e) => Err(e),
+        },
     };
     match done {
         Ok(()) => Response::ok(target.status().state, None),
@@ -555,13 +620,17 @@ pub fn endpoints(root: &Path, name: &str) -> Result<Vec<Endpoint>, Error> {
 /// Sends `op` to the socket at `path`; an `ok:false` answer is [`Error::Refused`]. Returns the
 /// response object.
 pub fn request(path: &Path, op: Op) -> Result<serde_json::Value, Error> {
+    let timeout = match op {
+        Op::Snapshot { .. } => SNAPSHOT_TIMEOUT,
+        _ => IO_TIMEOUT,
+    };
     let s = UnixStream::connect(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::Gone(path.to_path_buf()),
         std::io::ErrorKind::ConnectionRefused => Error::Exited(path.to_path_buf()),
         std::io::ErrorKind::PermissionDenied => Error::Permission(path.to_path_buf()),
         _ => io("connect to", path)(e),
     })?;
-    s.set_read_timeout(Some(IO_TIMEOUT))
+    s.set_read_timeout(Some(timeout))
         .map_err(io("configure", path))?;
     let mut w = s.try_clone().map_err(io("configure", path))?;
     w.write_all(format!("{}\n", op.request()).as_bytes())
@@ -639,6 +708,43 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn snapshot_requests_are_validated() {
+        let op = Op::Snapshot {
+            dir: PathBuf::from("/srv/snap 1"),
+            stop: true,
+        };
+        assert_eq!(parse_request(op.request().as_bytes()), Ok(op));
+        assert_eq!(
+            parse_request(br#"{"version":1,"op":"snapshot","dir":"/s"}"#),
+            Ok(Op::Snapshot {
+                dir: PathBuf::from("/s"),
+                stop: false
+            })
+        );
+        for (line, needle) in [
+            (&br#"{"version":1,"op":"snapshot"}"#[..], "\"dir\""),
+            (
+                br#"{"version":1,"op":"snapshot","dir":"rel/dir"}"#,
+                "absolute",
+            ),
+            (
+                br#"{"version":1,"op":"snapshot","dir":"/s","stop":1}"#,
+                "boolean",
+            ),
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        // The default answer of a target that cannot snapshot.
+        let f = Fake {
+            paused: Mutex::new(false),
+            fail: false,
+        };
+        let r = handle(&f, br#"{"version":1,"op":"snapshot","dir":"/s"}"#);
+        assert!(!r.ok && r.error.unwrap().contains("cannot be snapshotted"));
     }
 
     #[test]

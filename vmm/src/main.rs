@@ -31,6 +31,77 @@ enum Cmd {
     Pause(ControlArgs),
     /// Resume a paused VM.
     Resume(ControlArgs),
+    /// Snapshot a running `run --name NAME` VM into DIR (which must not exist), then let it
+    /// go on (or stop it with --stop). `ssi-vmm snapshot inspect DIR` describes a snapshot.
+    Snapshot(SnapshotArgs),
+    /// Start the VM of a snapshot on this host, where the snapshot was taken. The guest's
+    /// disks are the snapshot's copies, used in place (the snapshot's disk then moves on with
+    /// the guest: copy the directory first to restore it more than once).
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args)]
+struct SnapshotArgs {
+    /// The VM's name (`run --name`), or `inspect` to describe the snapshot in DIR.
+    name: String,
+    /// The snapshot directory (created; must not exist).
+    dir: PathBuf,
+    /// Stop the VM once the snapshot is written.
+    #[arg(long)]
+    stop: bool,
+    /// State directory root (default $SSI_VMM_STATE_DIR or /run/ssi-vmm).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The snapshot directory.
+    dir: PathBuf,
+    /// VM name: its control socket is `<state root>/NAME/control.sock` (default run-<pid>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Write exit statistics as JSON to this file when the VM stops.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+}
+
+/// `ssi-vmm snapshot NAME DIR [--stop]`: asks the VM's control socket for a snapshot.
+fn snapshot_main(a: SnapshotArgs) -> Result<(), String> {
+    use vmm::control::{self, Op};
+    if a.name == "inspect" {
+        let text = snapshot::inspect(&a.dir).map_err(|e| e.to_string())?;
+        print!("{text}");
+        return Ok(());
+    }
+    let root = a.state_dir.unwrap_or_else(vmm::cluster::status::state_root);
+    // The VMM runs elsewhere: give it an absolute path (its parent must exist here).
+    let dir = std::path::absolute(&a.dir)
+        .map_err(|e| format!("snapshot directory {}: {e}", a.dir.display()))?;
+    let endpoints = control::endpoints(&root, &a.name).map_err(|e| e.to_string())?;
+    if endpoints.len() != 1 {
+        return Err(format!(
+            "{} runs on {} hosts: snapshots of a VM spread over several hosts are not supported yet",
+            a.name,
+            endpoints.len()
+        ));
+    }
+    let v = control::request(
+        &endpoints[0].path,
+        Op::Snapshot {
+            dir: dir.clone(),
+            stop: a.stop,
+        },
+    )
+    .map_err(|e| format!("{}: {e}", a.name))?;
+    let written = v
+        .get("dir")
+        .and_then(|d| d.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| dir.display().to_string());
+    let then = if a.stop { "stopped" } else { "resumed" };
+    eprintln!("ssi-vmm: {} snapshotted to {written} and {then}", a.name);
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -51,7 +122,7 @@ fn control_main(a: ControlArgs, op: vmm::control::Op) -> Result<(), String> {
     let mut done = Vec::new();
     let mut failed = Vec::new();
     for ep in &endpoints {
-        match control::request(&ep.path, op) {
+        match control::request(&ep.path, op.clone()) {
             Ok(_) => done.push(ep),
             Err(e) => failed.push(format!("{}: {e}", ep.label)),
         }
@@ -345,6 +416,51 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Cmd::Snapshot(a) => match snapshot_main(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ssi-vmm: error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Restore(a) => {
+            let named = a.name.is_some();
+            let name = a
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("run-{}", std::process::id()));
+            if let Err(e) = vmm::control::validate_name(&name) {
+                eprintln!("ssi-vmm: error: {e}");
+                return ExitCode::from(1);
+            }
+            // Everything is read and verified before anything is started.
+            let r = match vmm::vm::snap::load(&a.dir) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("ssi-vmm: error: cannot restore {}: {e}", a.dir.display());
+                    return ExitCode::from(1);
+                }
+            };
+            eprintln!(
+                "ssi-vmm: restoring {} ({} vCPU(s), {} MiB; disks used in place: {})",
+                a.dir.display(),
+                r.guest.cpus,
+                r.guest.memory >> 20,
+                if r.guest.disks.is_empty() {
+                    "none".to_string()
+                } else {
+                    r.guest
+                        .disks
+                        .iter()
+                        .map(|d| a.dir.join(&d.file).display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+            let mut cfg = r.vm_config();
+            cfg.stats_json = a.stats_json;
+            serve_vm(&name, named, &cfg, || vmm::vm::Vm::restore(&r))
+        }
         Cmd::Run(args) => {
             let named = args.name.is_some();
             let name = args
@@ -362,59 +478,70 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            // A VM named on the command line must be controllable; an unnamed one runs without
-            // a control socket when the state root is not writable.
-            let control = match run_control(&name) {
-                Ok(x) => Some(x),
-                Err(e) if !named => {
-                    eprintln!("ssi-vmm: warning: no control socket: {e}");
-                    None
-                }
-                Err(e) => {
-                    eprintln!("ssi-vmm: error: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let (dir, listener) = control.unzip();
-            let result = vmm::vm::Vm::start(&cfg, None).and_then(|vm| {
-                let server = match listener {
-                    Some(l) => Some(
-                        vmm::control::Server::start(l, vm.controller())
-                            .map_err(|e| vmm::vm::Error::Control(Box::new(e)))?,
-                    ),
-                    None => None,
-                };
-                let report = vm.wait();
-                drop(server);
-                Ok(report)
-            });
-            // The state directory goes too once empty (the socket is removed with the server).
-            if let Some(d) = dir {
-                let _ = std::fs::remove_dir(d);
-            }
-            match result {
-                Ok(report) => {
-                    eprintln!(
-                        "ssi-vmm: guest stopped: {} after {:.1} s",
-                        report.stop, report.wall_seconds
-                    );
-                    if let Some(p) = &cfg.stats_json {
-                        match serde_json::to_string_pretty(&report) {
-                            Ok(s) => {
-                                if let Err(e) = std::fs::write(p, s) {
-                                    eprintln!("ssi-vmm: cannot write {}: {e}", p.display());
-                                }
-                            }
-                            Err(e) => eprintln!("ssi-vmm: cannot encode stats: {e}"),
+            serve_vm(&name, named, &cfg, || vmm::vm::Vm::start(&cfg, None))
+        }
+    }
+}
+
+/// Starts a VM on this host (`run`, `restore`) with its control socket, waits until it stops
+/// and reports.
+fn serve_vm(
+    name: &str,
+    named: bool,
+    cfg: &VmConfig,
+    start: impl FnOnce() -> Result<vmm::vm::Vm, vmm::vm::Error>,
+) -> ExitCode {
+    // A VM named on the command line must be controllable; an unnamed one runs without
+    // a control socket when the state root is not writable.
+    let control = match run_control(name) {
+        Ok(x) => Some(x),
+        Err(e) if !named => {
+            eprintln!("ssi-vmm: warning: no control socket: {e}");
+            None
+        }
+        Err(e) => {
+            eprintln!("ssi-vmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (dir, listener) = control.unzip();
+    let result = start().and_then(|vm| {
+        let server = match listener {
+            Some(l) => Some(
+                vmm::control::Server::start(l, vm.controller())
+                    .map_err(|e| vmm::vm::Error::Control(Box::new(e)))?,
+            ),
+            None => None,
+        };
+        let report = vm.wait();
+        drop(server);
+        Ok(report)
+    });
+    // The state directory goes too once empty (the socket is removed with the server).
+    if let Some(d) = dir {
+        let _ = std::fs::remove_dir(d);
+    }
+    match result {
+        Ok(report) => {
+            eprintln!(
+                "ssi-vmm: guest stopped: {} after {:.1} s",
+                report.stop, report.wall_seconds
+            );
+            if let Some(p) = &cfg.stats_json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(s) => {
+                        if let Err(e) = std::fs::write(p, s) {
+                            eprintln!("ssi-vmm: cannot write {}: {e}", p.display());
                         }
                     }
-                    ExitCode::from(report.exit_code as u8)
-                }
-                Err(e) => {
-                    eprintln!("ssi-vmm: error: {e}");
-                    ExitCode::from(1)
+                    Err(e) => eprintln!("ssi-vmm: cannot encode stats: {e}"),
                 }
             }
+            ExitCode::from(report.exit_code as u8)
+        }
+        Err(e) => {
+            eprintln!("ssi-vmm: error: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -14,6 +14,8 @@ pub enum StopReason {
     Reset,
     /// A triple fault (KVM_EXIT_SHUTDOWN).
     TripleFault,
+    /// Stopped after a snapshot (`ssi-vmm snapshot --stop`): the guest goes on from it.
+    Snapshotted(String),
     /// The VMM could not continue.
     Error(String),
 }
@@ -22,7 +24,7 @@ impl StopReason {
     /// Process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::PowerOff | StopReason::Reset => 0,
+            StopReason::PowerOff | StopReason::Reset | StopReason::Snapshotted(_) => 0,
             StopReason::TripleFault => 2,
             StopReason::Error(_) => 1,
         }

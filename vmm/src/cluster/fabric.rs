@@ -226,6 +226,7 @@ pub fn stop_to_wire(r: &StopReason) -> String {
         StopReason::PowerOff => "poweroff".into(),
         StopReason::Reset => "reset".into(),
         StopReason::TripleFault => "triple-fault".into(),
+        StopReason::Snapshotted(dir) => format!("snapshotted: {dir}"),
         StopReason::Error(e) => format!("error: {e}"),
     }
 }

@@ -121,6 +121,21 @@ impl Devices {
         &self.serial
     }
 
+    /// The legacy ports (to save their state).
+    pub fn legacy(&self) -> &legacy::Legacy {
+        &self.legacy
+    }
+
+    /// Replaces the legacy ports (a restored machine, before the devices are shared).
+    pub fn set_legacy(&mut self, l: legacy::Legacy) {
+        self.legacy = l;
+    }
+
+    /// The virtio-mmio slots (None: homed on another host).
+    pub fn virtio(&self) -> &[Option<Mutex<virtio_mmio::MmioTransport>>] {
+        &self.virtio
+    }
+
     /// `IN` from `port` by a vCPU of this host.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         match self.pio_home() {

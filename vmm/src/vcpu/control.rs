@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use irqchip::LocalApic;
@@ -30,6 +30,9 @@ pub enum VcpuEvent {
     Resume,
     /// End the thread (the VM is stopping).
     Stop,
+    /// While paused: save the vCPU's KVM state ([`PauseHooks::save`]) into
+    /// [`VcpuShared::take_saved`] and answer [`VcpuResponse::Saved`]; ignored while running.
+    Save,
 }
 
 /// A vCPU thread's answer to a [`VcpuEvent`].
@@ -39,6 +42,29 @@ pub enum VcpuResponse {
     Paused,
     /// It runs again.
     Resumed,
+    /// It saved its state (or failed to): see [`VcpuShared::take_saved`].
+    Saved,
+}
+
+/// What a paused vCPU saves for a snapshot ([`VcpuEvent::Save`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedVcpu {
+    /// vCPU index.
+    pub index: usize,
+    /// Its KVM state.
+    pub kvm: super::state::VcpuState,
+    /// Whether it was parked on HLT (the VMM, not KVM, keeps that).
+    pub halted: bool,
+    /// Its guest TSC rate in kHz (the local APIC's timer deadlines are in guest-TSC cycles).
+    pub tsc_khz: u64,
+}
+
+/// What a vCPU thread does at the control checkpoints that need its `VcpuFd`.
+pub trait PauseHooks {
+    /// Runs once when the vCPU pauses.
+    fn on_pause(&mut self);
+    /// Saves the paused vCPU's state.
+    fn save(&mut self) -> Result<SavedVcpu, String>;
 }
 
 /// What a vCPU thread is doing, as last published by it (for `status`).
@@ -91,6 +117,7 @@ pub struct VcpuShared {
     pending: AtomicBool,
     activity: AtomicU8,
     exits: AtomicU64,
+    saved: Mutex<Option<Result<SavedVcpu, String>>>,
 }
 
 impl Default for VcpuShared {
@@ -99,6 +126,7 @@ impl Default for VcpuShared {
             pending: AtomicBool::new(false),
             activity: AtomicU8::new(Activity::Starting as u8),
             exits: AtomicU64::new(0),
+            saved: Mutex::new(None),
         }
     }
 }
@@ -136,6 +164,15 @@ impl VcpuShared {
     pub fn exits(&self) -> u64 {
         self.exits.load(Ordering::Relaxed)
     }
+
+    fn put_saved(&self, r: Result<SavedVcpu, String>) {
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    /// The state the thread saved at the last [`VcpuEvent::Save`] (taken: None afterwards).
+    pub fn take_saved(&self) -> Option<Result<SavedVcpu, String>> {
+        self.saved.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// The vCPU thread's end of the control channels.
@@ -158,21 +195,24 @@ pub enum AfterEvents {
 impl VcpuControl {
     /// Handles every pending event; a pause blocks here until resume or stop. `stopped` is
     /// polled while paused, so a stop requested elsewhere (the guest on another vCPU, a peer
-    /// host) also ends the pause. `on_pause` runs once when the vCPU pauses.
+    /// host) also ends the pause. `hooks.on_pause` runs once when the vCPU pauses,
+    /// `hooks.save` at each [`VcpuEvent::Save`] while paused.
     pub fn handle_events(
         &self,
         stopped: &dyn Fn() -> bool,
-        on_pause: &mut dyn FnMut(),
+        hooks: &mut dyn PauseHooks,
     ) -> AfterEvents {
         self.shared.take_pending();
         loop {
             match self.events.try_recv() {
                 Ok(VcpuEvent::Pause) => {
-                    on_pause();
-                    if self.paused(stopped) == AfterEvents::Stop {
+                    hooks.on_pause();
+                    if self.paused(stopped, hooks) == AfterEvents::Stop {
                         return AfterEvents::Stop;
                     }
                 }
+                // Only a paused vCPU saves (the controller pauses first).
+                Ok(VcpuEvent::Save) => {}
                 Ok(VcpuEvent::Resume) => {
                     let _ = self.responses.send(VcpuResponse::Resumed);
                 }
@@ -185,7 +225,7 @@ impl VcpuControl {
     }
 
     /// Paused: acknowledges, then waits for resume or stop.
-    fn paused(&self, stopped: &dyn Fn() -> bool) -> AfterEvents {
+    fn paused(&self, stopped: &dyn Fn() -> bool, hooks: &mut dyn PauseHooks) -> AfterEvents {
         let before = self.shared.activity();
         self.shared.set_activity(Activity::Paused);
         let _ = self.responses.send(VcpuResponse::Paused);
@@ -202,6 +242,11 @@ impl VcpuControl {
                 }
                 Ok(VcpuEvent::Pause) => {
                     let _ = self.responses.send(VcpuResponse::Paused);
+                }
+                Ok(VcpuEvent::Save) => {
+                    self.shared.take_pending();
+                    self.shared.put_saved(hooks.save());
+                    let _ = self.responses.send(VcpuResponse::Saved);
                 }
                 Ok(VcpuEvent::Stop) => return AfterEvents::Stop,
                 Err(RecvTimeoutError::Timeout) => {}
@@ -299,6 +344,16 @@ impl VcpuHandle {
 mod tests {
     use super::*;
 
+    struct NoHooks<'a>(&'a mut u32);
+    impl PauseHooks for NoHooks<'_> {
+        fn on_pause(&mut self) {
+            *self.0 += 1;
+        }
+        fn save(&mut self) -> Result<SavedVcpu, String> {
+            Err(format!("save after {} pause(s)", self.0))
+        }
+    }
+
     #[test]
     fn pause_resume_stop_through_the_channel() {
         let lapic = Arc::new(LocalApic::new(0, true));
@@ -309,7 +364,8 @@ mod tests {
             let mut pauses = 0;
             loop {
                 if c.shared.pending() {
-                    let r = c.handle_events(&|| s2.load(Ordering::SeqCst), &mut || pauses += 1);
+                    let r =
+                        c.handle_events(&|| s2.load(Ordering::SeqCst), &mut NoHooks(&mut pauses));
                     if r == AfterEvents::Stop {
                         return pauses;
                     }
@@ -325,6 +381,14 @@ mod tests {
         // Paused twice is still paused.
         h.send(VcpuEvent::Pause).unwrap();
         assert!(h.wait_for(VcpuResponse::Paused, deadline()));
+        // A save while paused answers with the hook's result.
+        h.send(VcpuEvent::Save).unwrap();
+        assert!(h.wait_for(VcpuResponse::Saved, deadline()));
+        assert_eq!(
+            h.shared.take_saved(),
+            Some(Err("save after 1 pause(s)".to_string()))
+        );
+        assert_eq!(h.shared.take_saved(), None);
         h.send(VcpuEvent::Resume).unwrap();
         assert!(h.wait_for(VcpuResponse::Resumed, deadline()));
         // Stop while paused.
@@ -346,7 +410,7 @@ mod tests {
             while !c.shared.pending() {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            c.handle_events(&|| s2.load(Ordering::SeqCst), &mut || {})
+            c.handle_events(&|| s2.load(Ordering::SeqCst), &mut NoHooks(&mut 0))
         });
         h.send(VcpuEvent::Pause).unwrap();
         assert!(h.wait_for(

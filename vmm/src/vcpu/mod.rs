@@ -72,6 +72,37 @@ pub struct Vcpu {
     pub zap: Option<Arc<crate::cluster::shadow::ShadowZap>>,
     /// Pause / resume / stop requests from the VM ([`control`]).
     pub control: VcpuControl,
+    /// Start parked on HLT (a vCPU restored from a snapshot taken while it was halted).
+    pub halted: bool,
+}
+
+/// The vCPU thread's side of pause and save ([`control::PauseHooks`]).
+struct Hooks<'a> {
+    fd: &'a mut VcpuFd,
+    index: usize,
+    halted: bool,
+    tsc_khz: u64,
+}
+
+impl control::PauseHooks for Hooks<'_> {
+    fn on_pause(&mut self) {
+        // Tell a paravirtual-clock guest it was paused (no soft-lockup reports).
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            log::debug!("vCPU {}: KVMCLOCK_CTRL: {e}", self.index);
+        }
+    }
+
+    fn save(&mut self) -> Result<control::SavedVcpu, String> {
+        let err = |e: state::Error| format!("vCPU {}: {e}", self.index);
+        state::complete_pending_io(self.fd).map_err(err)?;
+        let kvm = state::save(self.fd).map_err(err)?;
+        Ok(control::SavedVcpu {
+            index: self.index,
+            kvm,
+            halted: self.halted,
+            tsc_khz: self.tsc_khz,
+        })
+    }
 }
 
 /// Why a wait outside `KVM_RUN` ended.
@@ -143,7 +174,7 @@ impl Vcpu {
             ),
         }
         // Parked on HLT (kept across a pause, so a halted vCPU does not wake up spuriously).
-        let mut halted = false;
+        let mut halted = self.halted;
         let mut exits: u64 = 0;
         self.control.shared.set_activity(Activity::Running);
         loop {
@@ -153,14 +184,13 @@ impl Vcpu {
             // The only control check on the hot path: one relaxed load.
             if self.control.shared.pending() {
                 let stop = self.stop.clone();
-                let fd = &self.fd;
-                let idx = self.index;
-                let r = self.control.handle_events(&|| stop.stopped(), &mut || {
-                    // Tell a paravirtual-clock guest it was paused (no soft-lockup reports).
-                    if let Err(e) = fd.kvmclock_ctrl() {
-                        log::debug!("vCPU {idx}: KVMCLOCK_CTRL: {e}");
-                    }
-                });
+                let mut hooks = Hooks {
+                    fd: &mut self.fd,
+                    index: self.index,
+                    halted,
+                    tsc_khz: self.tsc_khz,
+                };
+                let r = self.control.handle_events(&|| stop.stopped(), &mut hooks);
                 if r == AfterEvents::Stop {
                     return Ok(());
                 }

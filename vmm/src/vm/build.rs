@@ -122,6 +122,41 @@ pub(super) fn open_disk(
         .map_err(|e| err(e.to_string()))
 }
 
+/// Rebuilds a virtio-blk device and its virtio-mmio transport from a snapshot's state, on the
+/// image `path` (the snapshot's own copy of the disk: only its capacity is checked).
+pub(super) fn restore_disk(
+    path: &Path,
+    state: &virtio_mmio::MmioTransportState,
+    mem: &GuestMemoryMmap,
+    line: IrqLine,
+) -> Result<virtio_mmio::MmioTransport, Error> {
+    use snapshot::Persist;
+    let err = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| Error::Restore {
+        what: format!("disk {} ({what})", path.display()),
+        source: e,
+    };
+    let block_state: virtio_blk_dist::BlockState = state
+        .device_state()
+        .map_err(|e| err("device state", Box::new(e)))?;
+    let block = virtio_blk_dist::Block::restore(
+        virtio_blk_dist::BlockRestoreArgs {
+            path: path.to_path_buf(),
+            check: virtio_blk_dist::DiskCheck::SizeOnly,
+        },
+        &block_state,
+    )
+    .map_err(|e| err("virtio-blk", Box::new(e)))?;
+    virtio_mmio::MmioTransport::restore(
+        virtio_mmio::MmioTransportArgs {
+            device: Box::new(block),
+            mem: mem.clone(),
+            line: Arc::new(VirtioIrq(line)),
+        },
+        state,
+    )
+    .map_err(|e| err("virtio-mmio transport", Box::new(e)))
+}
+
 /// A host's live membership in a cluster.
 pub(super) struct Net {
     pub(super) spec: ClusterSpec,

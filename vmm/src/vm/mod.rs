@@ -9,11 +9,13 @@
 
 mod build;
 mod memory;
+pub mod snap;
 
 pub use build::JOIN_TIMEOUT;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -92,6 +94,25 @@ pub enum Error {
     /// The control socket could not be served.
     #[error("control socket: {0}")]
     Control(#[source] Box<crate::control::Error>),
+    /// A snapshot could not be written or read.
+    #[error(transparent)]
+    Snapshot(#[from] snap::Error),
+    /// A saved component state could not be restored.
+    #[error("cannot restore {what} from the snapshot: {source}")]
+    Restore {
+        /// The component.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn restore_err(
+    what: impl Into<String>,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Error {
+    let what = what.into();
+    move |source| Error::Restore { what, source }
 }
 
 /// What a finished run reports.
@@ -149,6 +170,8 @@ struct Handles {
 pub struct Controller {
     handles: Mutex<Handles>,
     stop: Arc<Stopper>,
+    /// What a snapshot saves besides the vCPUs (None: a cluster host, not supported yet).
+    snap: Option<snap::Source>,
 }
 
 impl Controller {
@@ -238,11 +261,83 @@ impl Controller {
 
     /// Stops the VM (every vCPU thread ends, paused or not).
     pub fn stop(&self) {
-        self.stop
-            .request(StopReason::Error("stopped on request".into()));
+        self.stop_with(StopReason::Error("stopped on request".into()));
+    }
+
+    fn stop_with(&self, reason: StopReason) {
+        self.stop.request(reason);
         for v in &self.lock().vcpus {
             let _ = v.send(VcpuEvent::Stop);
         }
+    }
+
+    /// Writes a snapshot of the VM to `dir` (which must not exist): pauses it unless it is
+    /// paused, has every vCPU save its state on its own thread, saves the interrupt
+    /// controllers, devices, kvmclock, guest RAM and disks (see [`snap`]), commits, then
+    /// resumes the VM, or stops it if `stop`. A VM paused before stays paused. On an error no
+    /// snapshot is left and the VM goes on as before (also with `stop`).
+    pub fn snapshot(&self, dir: &Path, stop: bool) -> Result<PathBuf, Error> {
+        let mut h = self.lock();
+        if self.stop.stopped() {
+            return Err(Error::Stopping);
+        }
+        let src = self.snap.as_ref().ok_or(snap::Error::Cluster)?;
+        let was_paused = h.paused;
+        if !was_paused {
+            if let Err(e) = Self::broadcast(
+                &h,
+                VcpuEvent::Pause,
+                VcpuResponse::Paused,
+                "pause",
+                ACK_TIMEOUT,
+            ) {
+                for v in &h.vcpus {
+                    let _ = v.send(VcpuEvent::Resume);
+                }
+                return Err(e);
+            }
+            h.paused = true;
+        }
+        let r = (|| {
+            Self::broadcast(
+                &h,
+                VcpuEvent::Save,
+                VcpuResponse::Saved,
+                "save",
+                ACK_TIMEOUT,
+            )?;
+            let mut vcpus = Vec::new();
+            for v in &h.vcpus {
+                match v.shared.take_saved() {
+                    Some(Ok(s)) => vcpus.push(s),
+                    Some(Err(e)) => return Err(snap::Error::Vcpu(e).into()),
+                    None => return Err(snap::Error::NoVcpuState(v.index).into()),
+                }
+            }
+            Ok::<_, Error>(src.write(dir, vcpus)?)
+        })();
+        match &r {
+            Ok(d) if stop => {
+                drop(h);
+                log::info!("stopping after the snapshot {}", d.display());
+                self.stop_with(StopReason::Snapshotted(d.display().to_string()));
+            }
+            _ if !was_paused => {
+                let resumed = Self::broadcast(
+                    &h,
+                    VcpuEvent::Resume,
+                    VcpuResponse::Resumed,
+                    "resume",
+                    ACK_TIMEOUT,
+                );
+                match resumed {
+                    Ok(()) => h.paused = false,
+                    Err(e) => log::error!("after the snapshot: {e}"),
+                }
+            }
+            _ => {}
+        }
+        r
     }
 
     /// The VM's state and each local vCPU's.
@@ -311,6 +406,25 @@ impl Vm {
     /// Builds the VM, alone or as host `spec.me` of a cluster (whose transport listens on
     /// `listener`), and starts its vCPU, timer and service threads.
     pub fn start(cfg: &VmConfig, cluster: Option<(ClusterSpec, TcpListener)>) -> Result<Vm, Error> {
+        Self::start_with(cfg, cluster, None)
+    }
+
+    /// Builds the VM of the snapshot `r` (loaded and verified by [`snap::load`]) on this host
+    /// and starts it where the snapshot was taken: like [`Vm::start`] without loading a kernel,
+    /// with guest RAM, vCPUs, interrupt controllers, devices and kvmclock from the snapshot.
+    /// The disks are the snapshot's copies, used in place.
+    pub fn restore(r: &snap::Restore) -> Result<Vm, Error> {
+        Self::start_with(&r.vm_config(), None, Some(r))
+    }
+
+    fn start_with(
+        cfg: &VmConfig,
+        cluster: Option<(ClusterSpec, TcpListener)>,
+        restore: Option<&snap::Restore>,
+    ) -> Result<Vm, Error> {
+        if restore.is_some() && cluster.is_some() {
+            return Err(snap::Error::Cluster.into());
+        }
         let me = cluster.as_ref().map(|(s, _)| s.me).unwrap_or(0);
         // Where everything lives: the cluster's placement (the same on every host), or all here.
         let placement = match &cluster {
@@ -323,6 +437,8 @@ impl Vm {
             ),
         };
         match &cluster {
+            // A restored guest needs no kernel: only the machine and its disk copies.
+            None if restore.is_some() => cfg.validate_machine()?,
             None => cfg.validate()?,
             Some((spec, _)) => {
                 cfg.validate_host(me, spec.hosts.len(), usize::from(placement.boot_host))?;
@@ -345,6 +461,13 @@ impl Vm {
             None => None,
         };
         let (kvm, vm) = build::create_vm()?;
+        if let Some(r) = restore {
+            vm.set_clock(&kvm_bindings::kvm_clock_data {
+                clock: r.clock.clock,
+                ..Default::default()
+            })
+            .map_err(|e| snap::Error::Kvm("SET_CLOCK", e))?;
+        }
 
         // `dsm` outlives everything that holds a view of its memory (see `Running`).
         let mut dsm: Option<dsm_vm::DsmMemory> = None;
@@ -367,7 +490,14 @@ impl Vm {
 
         // The boot host (host 0 by default) loads the guest and runs vCPU 0; the other hosts'
         // vCPUs wait for INIT/SIPI and see it through the DSM.
-        let kernel_entry = if me == usize::from(placement.boot_host) {
+        let kernel_entry = if let Some(r) = restore {
+            let pages = r.fill_memory(&mem)?;
+            log::info!(
+                "restored {pages} data pages of guest RAM from {}",
+                r.dir.display()
+            );
+            None
+        } else if me == usize::from(placement.boot_host) {
             Some(build::load_guest(cfg, &mem)?)
         } else {
             None
@@ -380,19 +510,39 @@ impl Vm {
         let stop = Arc::new(Stopper::new(chip.local_lapics()));
         let stats = Arc::new(Stats::default());
         let fixups = Arc::new(FixupStats::default());
-        let console = serial::Console::new(IrqLine::new(chip.clone(), SERIAL_IRQ));
+        let serial_line = IrqLine::new(chip.clone(), SERIAL_IRQ);
+        let console = match restore {
+            None => serial::Console::new(serial_line),
+            Some(r) => <serial::Console as snapshot::Persist>::restore(serial_line, &r.serial)
+                .map_err(|e| restore_err("the serial port")(Box::new(e)))?,
+        };
+        if let Some(r) = restore {
+            *chip.ioapic() = <irqchip::Ioapic as snapshot::Persist>::restore((), &r.ioapic)
+                .map_err(|e| restore_err("the IOAPIC")(Box::new(e)))?;
+        }
         // Each disk is opened and emulated on its home host only; the other hosts forward.
         let disk_home = placement.disk_homes();
         let mut virtio = Vec::new();
         for (i, d) in cfg.disks.iter().enumerate() {
             virtio.push(if disk_home.get(i) == Some(&me) {
                 let line = IrqLine::new(chip.clone(), VIRTIO_IRQS[i]);
-                Some(build::open_disk(&d.path, d.read_only, &mem, line)?)
+                Some(match restore.and_then(|r| r.virtio.get(i)) {
+                    Some(st) => build::restore_disk(&d.path, st, &mem, line)?,
+                    None => build::open_disk(&d.path, d.read_only, &mem, line)?,
+                })
             } else {
                 None
             });
         }
         let mut devices = Devices::new(console, virtio, chip.clone(), stop.clone());
+        if let Some(r) = restore {
+            let legacy = <crate::devices::legacy::Legacy as snapshot::Persist>::restore(
+                stop.clone(),
+                &r.legacy,
+            )
+            .map_err(|e| restore_err("the legacy ports")(Box::new(e)))?;
+            devices.set_legacy(legacy);
+        }
         let zap = match &dsm {
             Some(d) if std::env::var_os("SSI_VMM_NO_SHADOW_ZAP").is_none() => {
                 let z = Arc::new(ShadowZap::new(
@@ -458,6 +608,13 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::KvmIoctl("GET_SUPPORTED_CPUID", e))?;
+        let limits = match restore {
+            Some(_) => Some(
+                vcpu::state::RestoreLimits::from_kvm(&kvm)
+                    .map_err(|e| restore_err("the vCPUs")(Box::new(e)))?,
+            ),
+            None => None,
+        };
         let mut vcpus = Vec::new();
         let mut handles = Vec::new();
         for i in 0..cfg.cpus {
@@ -478,8 +635,33 @@ impl Vm {
             if let Some(n) = &net {
                 timesync::set_tsc(&fd, n.spec.epoch_ns);
             }
-            let tsc_khz = u64::from(fd.get_tsc_khz().unwrap_or(1_000_000));
+            let mut tsc_khz = u64::from(fd.get_tsc_khz().unwrap_or(1_000_000));
             let lapic = chip.lapics[usize::from(i)].clone();
+            let mut halted = false;
+            if let (Some(r), Some(limits)) = (restore, &limits) {
+                let ix = usize::from(i);
+                let (saved, lstate) = (&r.vcpus[ix], &r.lapics[ix]);
+                vcpu::state::restore(&fd, &saved.kvm, limits)
+                    .map_err(|e| restore_err(format!("vCPU {i}"))(Box::new(e)))?;
+                if saved.tsc_khz != tsc_khz {
+                    log::warn!(
+                        "vCPU {i}: guest TSC runs at {tsc_khz} kHz here, {} kHz when saved: \
+                         APIC timer deadlines use the saved rate",
+                        saved.tsc_khz
+                    );
+                    tsc_khz = saved.tsc_khz;
+                }
+                let tsc = vcpu::quirks::guest_tsc(&fd)
+                    .map_err(|e| restore_err(format!("vCPU {i} (guest TSC)"))(Box::new(e)))?;
+                let args = irqchip::LapicArgs {
+                    id: i,
+                    bsp: i == 0,
+                    clock: irqchip::GuestClock::new(tsc, tsc_khz, Instant::now()),
+                };
+                *lapic.lock() = irqchip::lapic::Apic::restore(args, lstate)
+                    .map_err(|e| restore_err(format!("the local APIC of vCPU {i}"))(Box::new(e)))?;
+                halted = saved.halted;
+            }
             let (handle, control) = vcpu_control::channel(usize::from(i), lapic.clone());
             handles.push(handle);
             vcpus.push(Vcpu {
@@ -495,6 +677,7 @@ impl Vm {
                 tsc_khz,
                 zap: zap.clone(),
                 control,
+                halted,
             });
         }
         vcpu::install_kick_handler().map_err(Error::Thread)?;
@@ -537,6 +720,17 @@ impl Vm {
                 paused: false,
             }),
             stop: stop.clone(),
+            snap: match &net {
+                None => Some(snap::Source {
+                    chip: chip.clone(),
+                    devices: devices.clone(),
+                    mem: mem.clone(),
+                    vm: vm.clone(),
+                    cfg: cfg.clone(),
+                    placement: placement.clone(),
+                }),
+                Some(_) => None,
+            },
         });
         Ok(Vm {
             controller,
