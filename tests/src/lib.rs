@@ -183,6 +183,41 @@ pub fn assert_clean_cluster(run: &Run, dir: &Path, name: &str, hosts: usize) -> 
             errors.join("\n")
         );
     }
+    // A normal start is quiet: the first dials race the peers' listeners, which is expected.
+    for (who, log) in &logs {
+        let warns: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+        if !warns.is_empty() {
+            eprintln!("{who} warnings:\n{}", warns.join("\n"));
+        }
+        let dial: Vec<&&str> = warns
+            .iter()
+            .filter(|l| l.contains("handshake") || l.contains("dial "))
+            .collect();
+        assert!(
+            dial.is_empty(),
+            "{who} warned about dialing on a normal start: {dial:?}"
+        );
+    }
+    // `ssi-vmm status` says the cluster stopped, and why.
+    let out = Command::new(vmm_bin())
+        .args(["status", "--json", "--state-dir"])
+        .arg(dir)
+        .output()
+        .expect("run ssi-vmm status");
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let me = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["status"]["name"] == name)
+        .unwrap_or_else(|| panic!("cluster {name} not in status --json: {all}"));
+    assert_eq!(me["liveness"], "stopped", "{me}");
+    assert_eq!(me["status"]["reason"], "PowerOff", "{me}");
     let pids: Vec<u32> = std::fs::read_to_string(state.join("pids"))
         .unwrap_or_default()
         .lines()

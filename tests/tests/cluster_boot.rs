@@ -2,7 +2,8 @@
 //! the lean kernel boots with one vCPU per host, the guest sees every host's CPU, the in-guest
 //! SMP checker (vector registers across context switches, TLB shootdowns, locks, shared rings,
 //! cross-CPU memory verification, threads pinned to CPUs on different hosts) finds no mismatch, and a clean poweroff ends every host process. Killing a
-//! host stops the others within seconds.
+//! host stops the others within seconds; SIGINT to `up` stops every host cleanly (exit 130),
+//! and kill -9 of `up` makes the hosts stop by themselves.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -245,9 +246,9 @@ fn three_hosts_boot_and_pass_the_smp_checker_with_a_disk_on_host_2() {
     let _ = std::fs::remove_file(image);
 }
 
-#[test]
-fn killing_a_host_stops_the_others() {
-    let name = "kill";
+/// Starts `up --local 2` (cluster `name`, `ssi.test=boot`) and waits until the guest runs on
+/// both hosts (the AP on host 1 is online). Returns `up` and the state root.
+fn start_two_hosts(name: &str) -> (std::process::Child, PathBuf) {
     let dir = state_dir(name);
     let mut up = Command::new(vmm_bin())
         .args(up_args(name, 2, "ssi.test=boot"))
@@ -277,6 +278,134 @@ fn killing_a_host_stops_the_others() {
         }
     }
     assert!(seen, "the guest never brought up its second CPU");
+    // Keep draining the console.
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    (up, dir)
+}
+
+/// Waits up to `limit` for `up` to exit; kills it after that. Returns its status (None if it
+/// had to be killed), its stderr and how long it took.
+fn wait_up(
+    mut up: std::process::Child,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String, Duration) {
+    let t = Instant::now();
+    let mut status = None;
+    while t.elapsed() < limit {
+        if let Ok(Some(s)) = up.try_wait() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t.elapsed();
+    if status.is_none() {
+        let _ = up.kill();
+    }
+    let out = up.wait_with_output().expect("up output");
+    (
+        status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        took,
+    )
+}
+
+/// Waits up to `limit` for every process of `pids` to be gone.
+fn all_gone(pids: &[u32], limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if !pids.iter().any(|&p| alive(p)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// `ssi-vmm status --json` entry of cluster `name` under `dir`.
+fn status_of(dir: &Path, name: &str) -> serde_json::Value {
+    let out = Command::new(vmm_bin())
+        .args(["status", "--json", "--state-dir"])
+        .arg(dir)
+        .output()
+        .expect("run ssi-vmm status");
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["status"]["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not in status --json: {all}"))
+}
+
+/// SIGINT to `up` (foreground, `up --local 2`) stops the VM on every host: `up` exits with 130
+/// within seconds after every host reported, no host process is left, and `status` says
+/// stopped, by SIGINT. (SIGTERM and SIGHUP take the same path; their exit codes are unit
+/// tested.)
+#[test]
+fn signals_stop_every_host() {
+    let name = "sigint";
+    let (up, dir) = start_two_hosts(name);
+    let ps = pids(&dir, name);
+    assert_eq!(ps.len(), 2, "pids of the host processes");
+    let st = Command::new("kill")
+        .args(["-INT", &up.id().to_string()])
+        .status();
+    assert!(st.is_ok_and(|s| s.success()));
+    let (status, err, took) = wait_up(up, Duration::from_secs(30));
+    eprintln!("`up` exited {took:?} after SIGINT: {status:?}\n{err}");
+    assert_eq!(status.and_then(|s| s.code()), Some(130), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert!(err.contains("stopped on SIGINT (exit 130)"), "{err}");
+    for h in 0..2 {
+        assert!(
+            err.contains(&format!("host {h}: exit ")),
+            "no report of host {h}: {err}"
+        );
+    }
+    assert!(
+        !err.contains("killing"),
+        "the hosts had to be killed: {err}"
+    );
+    assert!(
+        all_gone(&ps, Duration::from_secs(2)),
+        "host processes left: {ps:?}"
+    );
+    let me = status_of(&dir, name);
+    assert_eq!(me["liveness"], "stopped", "{me}");
+    let reason = me["status"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("SIGINT"), "{me}");
+}
+
+/// kill -9 of `up`: the host daemons see their job connection end and stop by themselves.
+#[test]
+fn killing_up_stops_every_host() {
+    let name = "killup";
+    let (mut up, dir) = start_two_hosts(name);
+    let ps = pids(&dir, name);
+    assert_eq!(ps.len(), 2, "pids of the host processes");
+    let st = Command::new("kill")
+        .args(["-9", &up.id().to_string()])
+        .status();
+    assert!(st.is_ok_and(|s| s.success()));
+    // Only reap it: host 0 still holds its stderr.
+    let _ = up.wait();
+    let t = Instant::now();
+    assert!(
+        all_gone(&ps, Duration::from_secs(20)),
+        "host processes left 20 s after `up` was killed: {ps:?}"
+    );
+    eprintln!("hosts gone {:?} after kill -9 of `up`", t.elapsed());
+    let me = status_of(&dir, name);
+    assert_eq!(me["liveness"], "stopped", "{me}");
+    let reason = me["status"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("went away"), "{me}");
+}
+
+#[test]
+fn killing_a_host_stops_the_others() {
+    let name = "kill";
+    let (mut up, dir) = start_two_hosts(name);
     let ps = pids(&dir, name);
     assert_eq!(ps.len(), 2, "pids of the host processes");
     let killed = Instant::now();

@@ -25,7 +25,8 @@ enum Cmd {
     Host(HostArgs),
     /// Boot one VM across hosts: from a cluster TOML file, or on N local host processes.
     Up(UpArgs),
-    /// Print the hosts, vCPUs and page counts of the clusters running on this machine.
+    /// Print the clusters of this machine: running (hosts, vCPUs, page counts), stopped (why,
+    /// when) or gone (processes no longer exist).
     Status(StatusArgs),
     /// Pause a running VM (a `run --name NAME` VM, or every host of cluster NAME).
     Pause(ControlArgs),
@@ -200,11 +201,72 @@ struct StatusArgs {
     /// State directory root (default $SSI_VMM_STATE_DIR or /run/ssi-vmm).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Print JSON (an array of {dir, liveness, status}) for scripts.
+    #[arg(long)]
+    json: bool,
+    /// Remove the state directories of stopped and gone clusters (after printing them).
+    #[arg(long)]
+    prune: bool,
+}
+
+fn status_main(a: StatusArgs) -> Result<(), String> {
+    use vmm::cluster::status;
+    let root = a.state_dir.unwrap_or_else(status::state_root);
+    let all = status::entries(&root).map_err(|e| e.to_string())?;
+    if a.json {
+        println!("{}", status::to_json(&all));
+    } else {
+        let now = vmm::cluster::timesync::now_ns() / 1_000_000_000;
+        for e in &all {
+            print!("{}", status::render(&e.status, e.liveness, now));
+        }
+    }
+    if a.prune {
+        let mut failed = false;
+        for (dir, r) in status::prune(&all) {
+            match r {
+                Ok(()) => eprintln!("ssi-vmm: removed {}", dir.display()),
+                Err(e) => {
+                    eprintln!("ssi-vmm: error: cannot remove {}: {e}", dir.display());
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            return Err("some state directories could not be removed".into());
+        }
+    }
+    Ok(())
 }
 
 fn up_main(a: UpArgs) -> Result<i32, String> {
+    use vmm::cluster::launch;
+    let ctl = launch::UpControl::new();
+    ctl.install().map_err(|e| e.to_string())?;
+    let outcomes = up_outcomes(a, &ctl);
+    if let Some(sig) = ctl.signal() {
+        match &outcomes {
+            Ok(outcomes) => {
+                report_outcomes(outcomes);
+            }
+            Err(e) => eprintln!("ssi-vmm: {e}"),
+        }
+        eprintln!(
+            "ssi-vmm: stopped on {} (exit {})",
+            launch::signal_name(sig),
+            launch::signal_exit_code(sig)
+        );
+        return Ok(launch::signal_exit_code(sig));
+    }
+    Ok(report_outcomes(&outcomes?))
+}
+
+fn up_outcomes(
+    a: UpArgs,
+    ctl: &std::sync::Arc<vmm::cluster::launch::UpControl>,
+) -> Result<Vec<vmm::cluster::launch::HostOutcome>, String> {
     use vmm::cluster::{launch, spec};
-    let outcomes = match (a.config, a.local) {
+    Ok(match (a.config, a.local) {
         (Some(path), None) => {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -214,7 +276,7 @@ fn up_main(a: UpArgs) -> Result<i32, String> {
                 .ok_or("--config needs --key-file (the host daemons' key)")?;
             let key = launch::read_key(&key_file).map_err(|e| e.to_string())?;
             let dir = vmm::cluster::status::state_root().join(&file.name);
-            launch::up(&file, &key, Some(dir)).map_err(|e| e.to_string())?
+            launch::up(&file, &key, Some(dir), ctl).map_err(|e| e.to_string())?
         }
         (None, Some(n)) => {
             if n == 0 || n > spec::MAX_HOSTS {
@@ -262,12 +324,16 @@ fn up_main(a: UpArgs) -> Result<i32, String> {
                 .map_err(|_| config::Error::BadCpuCount(a.cpus_per_host.saturating_mul(n as u32)))
                 .map_err(|e| e.to_string())?;
             cfg.validate().map_err(|e| e.to_string())?;
-            launch::up_local(file, n, a.cpus_per_host).map_err(|e| e.to_string())?
+            launch::up_local(file, n, a.cpus_per_host, ctl).map_err(|e| e.to_string())?
         }
         _ => return Err("give either --config FILE or --local N".into()),
-    };
+    })
+}
+
+/// Prints every host's outcome; returns `up`'s exit code.
+fn report_outcomes(outcomes: &[vmm::cluster::launch::HostOutcome]) -> i32 {
     let mut code = 0;
-    for o in &outcomes {
+    for o in outcomes {
         let r = &o.report;
         eprintln!(
             "ssi-vmm: host {}: exit {}: {} (DSM: {} protocol errors, {} send errors)",
@@ -293,7 +359,7 @@ fn up_main(a: UpArgs) -> Result<i32, String> {
             code = 1;
         }
     }
-    Ok(code)
+    code
 }
 
 #[derive(clap::Args)]
@@ -386,22 +452,13 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Cmd::Status(a) => {
-            let root = a.state_dir.unwrap_or_else(vmm::cluster::status::state_root);
-            match vmm::cluster::status::read_all(&root) {
-                Ok(all) => {
-                    let now = vmm::cluster::timesync::now_ns() / 1_000_000_000;
-                    for st in all {
-                        print!("{}", vmm::cluster::status::render(&st, now));
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ssi-vmm: error: {e}");
-                    ExitCode::from(1)
-                }
+        Cmd::Status(a) => match status_main(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ssi-vmm: error: {e}");
+                ExitCode::from(1)
             }
-        }
+        },
         Cmd::Pause(a) => match control_main(a, vmm::control::Op::Pause) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -11,7 +11,7 @@
 use crate::auth::{self, Params, MIN_KEY_LEN};
 use crate::dispatch::{Dispatcher, ResponseSink};
 use crate::{Error, Handler, Transport};
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use proto::frame::Frame;
 use proto::{HostId, Message, Service};
 use std::collections::HashMap;
@@ -43,6 +43,8 @@ pub struct TcpConfig {
     pub handshake_timeout: Duration,
     /// Longest wait between two dial attempts.
     pub max_backoff: Duration,
+    /// How long dials may fail with I/O errors (a peer still starting) before a warning.
+    pub dial_quiet: Duration,
 }
 
 impl TcpConfig {
@@ -62,6 +64,7 @@ impl TcpConfig {
             dead_after: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(2),
             max_backoff: Duration::from_secs(1),
+            dial_quiet: Duration::from_secs(5),
         }
     }
 
@@ -413,9 +416,10 @@ impl Shared {
             return;
         };
         let mut backoff = Duration::from_millis(20);
-        let mut attempts = 0u64;
+        // Start of the current run of failed dials, and whether it was reported.
+        let mut failing: Option<Instant> = None;
+        let mut warned = false;
         while !self.stopping() {
-            attempts += 1;
             let r = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
                 .map_err(auth::Error::Io)
                 .and_then(|mut s| {
@@ -425,7 +429,11 @@ impl Shared {
             match r {
                 Ok((stream, session)) => {
                     backoff = Duration::from_millis(20);
-                    attempts = 0;
+                    if warned {
+                        info!("dial {peer} at {addr}: connected");
+                    }
+                    failing = None;
+                    warned = false;
                     self.run_connection(stream, session);
                 }
                 Err(e) => {
@@ -433,8 +441,20 @@ impl Shared {
                         s.last_error = e.to_string();
                     }
                     self.changed.notify_all();
-                    if matches!(e, auth::Error::Io(_)) && attempts > 1 {
-                        debug!("dial {peer} at {addr}: {e}");
+                    // A peer that is still starting refuses, or (before it has its job) reads
+                    // our hello on its job socket and closes: I/O errors are expected for a
+                    // while and are reported only once they last.
+                    let since = *failing.get_or_insert_with(Instant::now);
+                    if matches!(e, auth::Error::Io(_)) {
+                        if !warned && since.elapsed() >= self.cfg.dial_quiet {
+                            warned = true;
+                            warn!(
+                                "dial {peer} at {addr}: still failing after {} s: {e}",
+                                since.elapsed().as_secs()
+                            );
+                        } else {
+                            debug!("dial {peer} at {addr}: {e}");
+                        }
                     } else {
                         self.handshake_failed(&format!("dial {peer} at {addr}"), &e);
                     }

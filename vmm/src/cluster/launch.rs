@@ -20,15 +20,23 @@
 //! error counters (protocol errors, send errors): a run whose guest powered off cleanly but
 //! whose page protocol saw a violation is not a clean run, and `up` says so.
 //!
+//! While the VM runs, `up` keeps the job connection open: a daemon whose job connection
+//! reaches its end (`up` was killed, or its machine went away) stops its VM ("the controlling
+//! `up` went away"), and `up` asks every host to stop by sending `STOP <why>\n` and closing
+//! its side (on SIGINT, SIGTERM or SIGHUP; see [`UpControl`]). The daemon then reports as
+//! usual. A daemon itself stops its VM on those signals too (exits at once before a job).
+//!
 //! The job JSON carries the cluster file (TOML text), the host's index, the guest-clock epoch
 //! and the state directory (the status home, host 0 by default, writes there); the key itself
 //! never travels. A job whose MAC does not verify
 //! is refused and logged, and the daemon keeps waiting.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -44,6 +52,13 @@ const MAX_JOB: usize = 1 << 20;
 pub const MIN_KEY: usize = 16;
 /// How long `up` keeps trying to reach a host daemon.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `up` waits for the hosts' exit reports after a stop signal before it kills the
+/// local daemons and gives up on remote ones.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The signals that stop a cluster cleanly (a second one forces).
+pub const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// Stop reason of a daemon whose job connection ended while its VM ran.
+pub const UP_WENT_AWAY: &str = "the controlling `up` went away";
 
 /// Errors of the launch path.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +100,208 @@ pub enum Error {
     /// The control socket could not be set up.
     #[error("control socket: {0}")]
     Control(#[from] crate::control::Error),
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    /// `up` got a stop signal before every host had its job.
+    #[error("interrupted by {0} while starting the cluster")]
+    Interrupted(String),
+}
+
+/// The name of a stop signal ("SIGINT", ...).
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// The exit code of a process stopped by signal `sig` (the shell's 128 + number).
+pub fn signal_exit_code(sig: i32) -> i32 {
+    128 + sig
+}
+
+/// What `up` shares with its signal thread: the job connections and local daemon pids, and
+/// the first stop signal received. The first SIGINT/SIGTERM/SIGHUP asks every host to stop
+/// (`STOP <signal>` on its job connection, then the end of `up`'s writes); the hosts report
+/// and exit as after any stop. A second signal, or [`STOP_GRACE`] without every report, kills
+/// the local daemons and closes the job connections.
+#[derive(Default)]
+pub struct UpControl {
+    signal: AtomicI32,
+    streams: Mutex<Vec<TcpStream>>,
+    pids: Mutex<Vec<u32>>,
+    done: AtomicBool,
+}
+
+impl UpControl {
+    /// A control with no signal handlers (tests; `install` adds them).
+    pub fn new() -> Arc<UpControl> {
+        Arc::new(UpControl::default())
+    }
+
+    /// Installs the SIGINT/SIGTERM/SIGHUP handlers and their thread.
+    pub fn install(self: &Arc<Self>) -> Result<(), Error> {
+        let mut signals =
+            signal_hook::iterator::Signals::new(STOP_SIGNALS).map_err(Error::Signals)?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    me.on_signal(sig);
+                }
+            })
+            .map_err(Error::Signals)?;
+        Ok(())
+    }
+
+    /// Handles one stop signal (the first stops the hosts, the next forces).
+    pub fn on_signal(self: &Arc<Self>, sig: i32) {
+        let name = signal_name(sig);
+        if self
+            .signal
+            .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            eprintln!("ssi-vmm: {name}: stopping the VM on every host (again to force)");
+            self.stop_all(&name);
+            let me = self.clone();
+            let _ = std::thread::Builder::new()
+                .name("stop-grace".into())
+                .spawn(move || {
+                    std::thread::sleep(STOP_GRACE);
+                    if !me.done.load(Ordering::SeqCst) {
+                        eprintln!(
+                            "ssi-vmm: the hosts did not stop within {} s; killing the local ones",
+                            STOP_GRACE.as_secs()
+                        );
+                        me.force();
+                    }
+                });
+        } else {
+            eprintln!("ssi-vmm: {name} again: killing the local host processes");
+            self.force();
+        }
+    }
+
+    /// The first stop signal received, if any.
+    pub fn signal(&self) -> Option<i32> {
+        match self.signal.load(Ordering::SeqCst) {
+            0 => None,
+            s => Some(s),
+        }
+    }
+
+    fn add_stream(&self, s: &TcpStream) {
+        let Ok(c) = s.try_clone() else {
+            return;
+        };
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sig) = self.signal() {
+            send_stop(&c, &signal_name(sig));
+        }
+        streams.push(c);
+    }
+
+    fn add_pids(&self, pids: &[u32]) {
+        self.pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(pids);
+    }
+
+    fn stop_all(&self, why: &str) {
+        for s in self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            send_stop(s, why);
+        }
+    }
+
+    /// Kills the local daemons and closes every job connection.
+    fn force(&self) {
+        for &pid in self.pids.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let Ok(pid) = libc::pid_t::try_from(pid) else {
+                continue;
+            };
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours. `pid` is a
+            // daemon this process started; `up_local` forgets the pids once it has reaped them.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        self.close_streams();
+    }
+
+    fn close_streams(&self) {
+        for s in self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn finish(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+fn send_stop(mut s: &TcpStream, why: &str) {
+    let _ = s.write_all(format!("STOP {why}\n").as_bytes());
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// What a daemon's watch of its job connection saw: `up` asked for a stop, or went away.
+fn watch_up(stream: TcpStream, done: &AtomicBool) -> Option<String> {
+    let _ = stream.set_read_timeout(None);
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    let why = match r.read_line(&mut line) {
+        Ok(n) if n > 0 => match line.trim_end().strip_prefix("STOP ") {
+            Some(sig) => format!("stopped by `up` ({sig})"),
+            None => format!("unexpected message from `up`: {:?}", line.trim_end()),
+        },
+        _ => UP_WENT_AWAY.to_string(),
+    };
+    (!done.load(Ordering::SeqCst)).then_some(why)
+}
+
+/// The daemon's signal handling: before a job, a stop signal ends the process; with a VM, the
+/// first stops it (the other hosts follow), a second ends the process.
+fn daemon_signals(vm: Arc<Mutex<Option<Arc<crate::vm::Controller>>>>) -> Result<(), Error> {
+    let mut signals = signal_hook::iterator::Signals::new(STOP_SIGNALS).map_err(Error::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            for sig in signals.forever() {
+                let ctl = vm.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match ctl {
+                    Some(c) if !stopping => {
+                        stopping = true;
+                        log::warn!("{}: stopping the VM", signal_name(sig));
+                        c.stop_with(crate::stop::StopReason::Error(format!(
+                            "stopped by {}",
+                            signal_name(sig)
+                        )));
+                    }
+                    _ => std::process::exit(signal_exit_code(sig)),
+                }
+            }
+        })
+        .map_err(Error::Signals)?;
+    Ok(())
 }
 
 /// What `up` sends each host (plain serde data).
@@ -193,6 +410,8 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
     let key = read_key(key_file)?;
     let listener = TcpListener::bind(listen).map_err(io(&format!("bind {listen}")))?;
     let local = listener.local_addr().map_err(io("listener"))?;
+    let running: Arc<Mutex<Option<Arc<crate::vm::Controller>>>> = Arc::default();
+    daemon_signals(running.clone())?;
     log::info!("host daemon listening on {local}; waiting for a job from `ssi-vmm up`");
     loop {
         let (mut stream, peer) = listener.accept().map_err(io("accept"))?;
@@ -235,14 +454,46 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
         let _ = writeln!(stream, "OK");
         let me = spec.me;
         log::info!("host {me}: job from {peer} accepted");
+        let state = spec
+            .state_dir
+            .clone()
+            .filter(|_| usize::from(spec.placement.status_home) == me);
+        let done = Arc::new(AtomicBool::new(false));
+        let watch = stream.try_clone();
         let result = crate::vm::Vm::start(&cfg, Some((spec, listener))).map(|vm| {
+            let ctl = vm.controller();
+            *running.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctl.clone());
+            match watch {
+                Ok(w) => {
+                    let done = done.clone();
+                    let r = std::thread::Builder::new()
+                        .name("watch-up".into())
+                        .spawn(move || {
+                            if let Some(why) = watch_up(w, &done) {
+                                if why == UP_WENT_AWAY {
+                                    log::warn!("host {me}: {why}; stopping the VM");
+                                } else {
+                                    log::info!("host {me}: {why}; stopping the VM");
+                                }
+                                ctl.stop_with(crate::stop::StopReason::Error(why));
+                            }
+                        });
+                    if let Err(e) = r {
+                        log::error!("host {me}: cannot watch the job connection: {e}");
+                    }
+                }
+                Err(e) => log::error!("host {me}: cannot watch the job connection: {e}"),
+            }
             let _server = control.and_then(|l| {
                 crate::control::Server::start(l, vm.controller())
                     .map_err(|e| log::error!("host {me}: no control socket: {e}"))
                     .ok()
             });
-            vm.wait()
+            let r = vm.wait();
+            done.store(true, Ordering::SeqCst);
+            r
         });
+        done.store(true, Ordering::SeqCst);
         let report = match &result {
             Ok(r) => ExitReport {
                 code: r.exit_code,
@@ -262,6 +513,14 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
                 report.protocol_errors,
                 report.send_errors
             );
+        }
+        if let Some(dir) = &state {
+            if let Err(e) = status::mark_stopped(dir, &report.reason) {
+                log::warn!(
+                    "host {me}: cannot record the stop in {}: {e}",
+                    dir.display()
+                );
+            }
         }
         let json = serde_json::to_string(&report).unwrap_or_default();
         let _ = writeln!(stream, "EXIT {json}");
@@ -308,34 +567,61 @@ impl HostOutcome {
     }
 }
 
-fn connect_retry(addr: SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
+fn connect_retry(
+    addr: SocketAddr,
+    deadline: Instant,
+    ctl: &UpControl,
+) -> std::io::Result<TcpStream> {
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) if Instant::now() >= deadline || ctl.signal().is_some() => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
 
 /// Sends every host its job and waits until all have reported. Returns each host's outcome.
+/// `ctl` stops the hosts on a signal (see [`UpControl`]).
 pub fn up(
     file: &ClusterFile,
     key: &[u8],
     state_dir: Option<PathBuf>,
+    ctl: &Arc<UpControl>,
+) -> Result<Vec<HostOutcome>, Error> {
+    let r = up_inner(file, key, state_dir, ctl);
+    if r.is_err() {
+        // The hosts that accepted their jobs see their job connection end and stop.
+        ctl.close_streams();
+    }
+    ctl.finish();
+    r
+}
+
+fn up_inner(
+    file: &ClusterFile,
+    key: &[u8],
+    state_dir: Option<PathBuf>,
+    ctl: &Arc<UpControl>,
 ) -> Result<Vec<HostOutcome>, Error> {
     let addrs = file.addrs()?;
     let epoch_ns = timesync::now_ns();
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     let mut streams = Vec::new();
     for (host, addr) in addrs.iter().enumerate() {
+        if let Some(sig) = ctl.signal() {
+            return Err(Error::Interrupted(signal_name(sig)));
+        }
         let host_err = |detail: String| Error::Host {
             host,
             addr: *addr,
             detail,
         };
-        let mut s =
-            connect_retry(*addr, deadline).map_err(|e| host_err(format!("unreachable: {e}")))?;
+        let connected = connect_retry(*addr, deadline, ctl);
+        if let Some(sig) = ctl.signal() {
+            return Err(Error::Interrupted(signal_name(sig)));
+        }
+        let mut s = connected.map_err(|e| host_err(format!("unreachable: {e}")))?;
         let job = Job {
             cluster: file.to_toml()?,
             host,
@@ -357,6 +643,7 @@ pub fn up(
             }
         }
         let _ = r.get_ref().set_read_timeout(None);
+        ctl.add_stream(r.get_ref());
         streams.push(r);
     }
     log::info!("all {} hosts accepted their jobs", streams.len());
@@ -511,9 +798,11 @@ pub fn up_local(
     file: ClusterFile,
     hosts: usize,
     cpus_per_host: u32,
+    ctl: &Arc<UpControl>,
 ) -> Result<Vec<HostOutcome>, Error> {
     let dir = status::state_root().join(&file.name);
     let cluster = LocalCluster::start(file, hosts, cpus_per_host, dir.clone())?;
+    ctl.add_pids(&cluster.pids());
     eprintln!(
         "ssi-vmm: local cluster {:?}: {} host processes (pids {:?}), logs in {}",
         cluster.file.name,
@@ -521,8 +810,15 @@ pub fn up_local(
         cluster.pids(),
         dir.display()
     );
-    let result = up(&cluster.file, &cluster.key, Some(dir));
-    cluster.reap(Duration::from_secs(10));
+    let result = up(&cluster.file, &cluster.key, Some(dir), ctl);
+    // After a failed start, daemons still waiting for a job would never exit.
+    let grace = if result.is_ok() {
+        STOP_GRACE
+    } else {
+        Duration::from_secs(5)
+    };
+    cluster.reap(grace);
+    ctl.pids.lock().unwrap_or_else(|p| p.into_inner()).clear();
     result
 }
 
@@ -585,6 +881,73 @@ mod tests {
             .report
             .reason
             .contains("malformed"));
+    }
+
+    #[test]
+    fn stop_signals_map_to_exit_codes() {
+        let got: Vec<(String, i32)> = STOP_SIGNALS
+            .iter()
+            .map(|&s| (signal_name(s), signal_exit_code(s)))
+            .collect();
+        let want = [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)];
+        let want: Vec<(String, i32)> = want.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+        assert_eq!(got, want);
+        assert_eq!(
+            signal_name(libc::SIGUSR1),
+            format!("signal {}", libc::SIGUSR1)
+        );
+    }
+
+    /// A connected pair: (the `up` side, the daemon side).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (daemon, _) = l.accept().unwrap();
+        (up, daemon)
+    }
+
+    #[test]
+    fn a_daemon_sees_stop_requests_and_a_vanished_up() {
+        let done = AtomicBool::new(false);
+        // `up` asks for a stop on a signal: the daemon names it.
+        let (up, daemon) = pair();
+        let ctl = UpControl::new();
+        ctl.add_stream(&up);
+        ctl.on_signal(libc::SIGTERM);
+        assert_eq!(ctl.signal(), Some(libc::SIGTERM));
+        assert_eq!(
+            watch_up(daemon.try_clone().unwrap(), &done).as_deref(),
+            Some("stopped by `up` (SIGTERM)")
+        );
+        // The connection stays readable for the exit report.
+        writeln!(&daemon, "EXIT {{}}").unwrap();
+        let mut r = BufReader::new(up);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "EXIT {}\n");
+        // A stream added after the signal is told at once.
+        let (up2, daemon2) = pair();
+        ctl.add_stream(&up2);
+        assert_eq!(
+            watch_up(daemon2, &done).as_deref(),
+            Some("stopped by `up` (SIGTERM)")
+        );
+        // `up` killed: its end of the connection closes.
+        let (up3, daemon3) = pair();
+        drop(up3);
+        assert_eq!(watch_up(daemon3, &done).as_deref(), Some(UP_WENT_AWAY));
+        // A second signal forces: the job connections are closed both ways (the daemon is
+        // still connected, but `up` reads its end).
+        ctl.on_signal(libc::SIGINT);
+        assert_eq!(ctl.signal(), Some(libc::SIGTERM));
+        line.clear();
+        assert_eq!(r.read_line(&mut line).unwrap_or(0), 0, "{line:?}");
+        // After the VM stopped, the end of the connection is no news.
+        let (up4, daemon4) = pair();
+        drop(up4);
+        done.store(true, Ordering::SeqCst);
+        assert_eq!(watch_up(daemon4, &done), None);
+        drop(daemon);
     }
 
     #[test]

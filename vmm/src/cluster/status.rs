@@ -1,6 +1,12 @@
 //! Cluster status: every host reports once a second (its vCPUs and DSM page counts) to the
 //! placement's status home (host 0 by default), which writes `<state dir>/status.json`;
 //! `ssi-vmm status` reads and prints it.
+//!
+//! The status home's daemon records the stop (state "stopped", the reason and the time) when
+//! its VM has stopped. `ssi-vmm status` also checks that the processes are there (the `pids`
+//! file `up --local` writes, else the hosts' control sockets in the directory): a cluster
+//! whose file says "running" but whose processes are all gone is shown as `gone`. Stopped
+//! and gone clusters stay listed until `ssi-vmm status --prune` removes their directories.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,6 +87,48 @@ pub struct ClusterStatus {
     pub updated: u64,
     /// Latest report of each host.
     pub hosts: Vec<HostStatus>,
+    /// Why the VM stopped (once stopped), e.g. `PowerOff`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// CLOCK_REALTIME seconds of the stop (once stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<u64>,
+}
+
+/// What a cluster is, as `ssi-vmm status` sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// Its processes run.
+    Running,
+    /// It stopped and recorded why.
+    Stopped,
+    /// Its status says running, but none of its processes exists any more.
+    Gone,
+}
+
+impl Liveness {
+    /// Liveness from the recorded state and whether any process of the cluster is there.
+    pub fn of(st: &ClusterStatus, alive: bool) -> Liveness {
+        if st.state == "stopped" {
+            Liveness::Stopped
+        } else if alive {
+            Liveness::Running
+        } else {
+            Liveness::Gone
+        }
+    }
+}
+
+/// One cluster found under the state root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// Its state directory.
+    pub dir: PathBuf,
+    /// What it is now.
+    pub liveness: Liveness,
+    /// Its last status file.
+    pub status: ClusterStatus,
 }
 
 /// The per-host reporting loop.
@@ -151,7 +199,12 @@ impl Reporter {
             if stopped {
                 return;
             }
-            std::thread::sleep(Duration::from_secs(1));
+            for _ in 0..10 {
+                if stop.stopped() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
 
@@ -166,11 +219,23 @@ impl Reporter {
             .values()
             .filter_map(|j| serde_json::from_str(j).ok())
             .collect();
+        // Never overwrite the stop the daemon recorded (`mark_stopped`).
+        let recorded = std::fs::read_to_string(dir.join("status.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<ClusterStatus>(&t).ok())
+            .is_some_and(|old| old.reason.is_some());
+        if recorded {
+            return;
+        }
+        let now = super::timesync::now_ns() / 1_000_000_000;
+        // The daemon records the reason once its VM has stopped (`mark_stopped`).
         let st = ClusterStatus {
             name: self.spec.name.clone(),
             state: if stopped { "stopped" } else { "running" }.into(),
-            updated: super::timesync::now_ns() / 1_000_000_000,
+            updated: now,
             hosts,
+            reason: None,
+            stopped_at: stopped.then_some(now),
         };
         if let Err(e) = write_atomic(dir, &st) {
             log::warn!("cannot write cluster status in {}: {e}", dir.display());
@@ -183,6 +248,96 @@ fn write_atomic(dir: &Path, st: &ClusterStatus) -> std::io::Result<()> {
     let tmp = dir.join("status.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(st).unwrap_or_default())?;
     std::fs::rename(tmp, dir.join("status.json"))
+}
+
+/// Records in `dir/status.json` that the cluster stopped now, for `reason` (the host reports
+/// of the last status are kept).
+pub fn mark_stopped(dir: &Path, reason: &str) -> std::io::Result<()> {
+    let mut st: ClusterStatus = std::fs::read_to_string(dir.join("status.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| ClusterStatus {
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            ..Default::default()
+        });
+    let now = super::timesync::now_ns() / 1_000_000_000;
+    st.state = "stopped".into();
+    st.reason = Some(reason.to_string());
+    st.stopped_at = Some(now);
+    st.updated = now;
+    write_atomic(dir, &st)
+}
+
+/// Whether some process of the cluster in `dir` is there: a pid of its `pids` file (written
+/// by `up --local`) that is still an `ssi-vmm host`, or a control socket that accepts.
+pub fn alive(dir: &Path) -> bool {
+    if let Ok(text) = std::fs::read_to_string(dir.join("pids")) {
+        let any = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u32>().ok())
+            .any(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| c.split(|&b| b == 0).any(|a| a == b"host"))
+                    .unwrap_or(false)
+            });
+        if any {
+            return true;
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let p = e.path();
+        p.extension().is_some_and(|x| x == "sock")
+            && std::os::unix::net::UnixStream::connect(&p).is_ok()
+    })
+}
+
+/// Every cluster under `root` with its liveness.
+pub fn entries(root: &Path) -> Result<Vec<Entry>, Error> {
+    let mut out = Vec::new();
+    let dirs = std::fs::read_dir(root).map_err(|_| Error::NoClusters(root.to_path_buf()))?;
+    for e in dirs.flatten() {
+        let dir = e.path();
+        let path = dir.join("status.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let status: ClusterStatus = serde_json::from_str(&text).map_err(|e| Error::Bad {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let liveness = Liveness::of(&status, alive(&dir));
+        out.push(Entry {
+            dir,
+            liveness,
+            status,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::NoClusters(root.to_path_buf()));
+    }
+    out.sort_by(|a, b| a.status.name.cmp(&b.status.name));
+    Ok(out)
+}
+
+/// Removes the directories of the stopped and gone clusters among `entries`; returns them.
+pub fn prune(entries: &[Entry]) -> Vec<(PathBuf, std::io::Result<()>)> {
+    entries
+        .iter()
+        .filter(|e| e.liveness != Liveness::Running)
+        .map(|e| (e.dir.clone(), std::fs::remove_dir_all(&e.dir)))
+        .collect()
+}
+
+/// `status --json`: the entries as one JSON array (`liveness` is "running", "stopped" or
+/// "gone"; `status` is the status file).
+pub fn to_json(entries: &[Entry]) -> String {
+    serde_json::to_string_pretty(entries).unwrap_or_else(|_| "[]".into())
 }
 
 /// Default root of cluster state directories (`$SSI_VMM_STATE_DIR` or `/run/ssi-vmm`).
@@ -214,14 +369,29 @@ pub fn read_all(root: &Path) -> Result<Vec<ClusterStatus>, Error> {
     Ok(out)
 }
 
+/// The state part of a cluster's heading.
+pub fn describe(st: &ClusterStatus, live: Liveness, now_s: u64) -> String {
+    let ago = now_s.saturating_sub(st.updated);
+    match live {
+        Liveness::Running => format!("running (updated {ago} s ago)"),
+        Liveness::Stopped => format!(
+            "stopped ({}, {} s ago)",
+            st.reason.as_deref().unwrap_or("no reason recorded"),
+            now_s.saturating_sub(st.stopped_at.unwrap_or(st.updated))
+        ),
+        Liveness::Gone => {
+            format!("gone (processes no longer exist; last update {ago} s ago)")
+        }
+    }
+}
+
 /// Human-readable table of one cluster.
-pub fn render(st: &ClusterStatus, now_s: u64) -> String {
+pub fn render(st: &ClusterStatus, live: Liveness, now_s: u64) -> String {
     let mut s = format!(
-        "cluster {:?}: {} host(s), {} (updated {} s ago)\n",
+        "cluster {:?}: {} host(s), {}\n",
         st.name,
         st.hosts.len(),
-        st.state,
-        now_s.saturating_sub(st.updated)
+        describe(st, live, now_s)
     );
     s.push_str("host  address                 vcpus     resident    owned  home-dir   faults(r/w/wp)      pages-in  pages-out  io(fwd/srv)  errors(proto/send)\n");
     for h in &st.hosts {
@@ -270,13 +440,48 @@ mod tests {
                 io_forwarded: 12,
                 ..Default::default()
             }],
+            ..Default::default()
         };
         write_atomic(&dir.join("t"), &st).unwrap();
         let all = read_all(&dir).unwrap();
         assert_eq!(all, vec![st.clone()]);
-        let text = render(&st, 101);
+        let text = render(&st, Liveness::Running, 101);
         assert!(text.contains("1,2") && text.contains("77") && text.contains("1 s ago"));
         assert!(text.contains("12/0") && text.contains("5/0"), "{text}");
+        // Nothing of it runs: gone. Stopped once marked, with the reason and the time.
+        let e = entries(&dir).unwrap();
+        assert_eq!(e[0].liveness, Liveness::Gone);
+        let text = render(&st, Liveness::Gone, 130);
+        assert!(
+            text.contains("gone (processes no longer exist; last update 30 s ago)"),
+            "{text}"
+        );
+        mark_stopped(&dir.join("t"), "PowerOff").unwrap();
+        let e = entries(&dir).unwrap();
+        assert_eq!(e[0].liveness, Liveness::Stopped);
+        let at = e[0].status.stopped_at.unwrap();
+        assert_eq!(e[0].status.hosts, st.hosts);
+        let text = render(&e[0].status, e[0].liveness, at + 7);
+        assert!(text.contains("stopped (PowerOff, 7 s ago)"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&to_json(&e)).unwrap();
+        assert_eq!(json[0]["liveness"], "stopped");
+        assert_eq!(json[0]["status"]["reason"], "PowerOff");
+        assert_eq!(json[0]["status"]["hosts"][0]["resident_pages"], 77);
+        // Our own pid is not an `ssi-vmm host`; a live control socket makes it running.
+        std::fs::write(
+            dir.join("t/pids"),
+            format!("0 {}\n1 999999999\n", std::process::id()),
+        )
+        .unwrap();
+        assert!(!alive(&dir.join("t")));
+        let _l = std::os::unix::net::UnixListener::bind(dir.join("t/host-0.sock")).unwrap();
+        assert!(alive(&dir.join("t")));
+        assert_eq!(Liveness::of(&st, true), Liveness::Running);
+        drop(_l);
+        let pruned = prune(&entries(&dir).unwrap());
+        assert_eq!(pruned.len(), 1);
+        assert!(!dir.join("t").exists());
+        write_atomic(&dir.join("t"), &st).unwrap();
         std::fs::write(dir.join("t/status.json"), "{garbage").unwrap();
         assert!(read_all(&dir)
             .unwrap_err()

@@ -264,7 +264,8 @@ impl Controller {
         self.stop_with(StopReason::Error("stopped on request".into()));
     }
 
-    fn stop_with(&self, reason: StopReason) {
+    /// Stops the VM for `reason` (the first reason wins; the other hosts are told).
+    pub fn stop_with(&self, reason: StopReason) {
         self.stop.request(reason);
         for v in &self.lock().vcpus {
             let _ = v.send(VcpuEvent::Stop);
