@@ -429,6 +429,17 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::Error> {
     Ok(cfg)
 }
 
+/// Exit status of a command that succeeds or fails with an error to print.
+fn finish<E: std::fmt::Display>(r: Result<(), E>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ssi-vmm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
@@ -452,34 +463,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Cmd::Status(a) => match status_main(a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ssi-vmm: error: {e}");
-                ExitCode::from(1)
-            }
-        },
-        Cmd::Pause(a) => match control_main(a, vmm::control::Op::Pause) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ssi-vmm: error: {e}");
-                ExitCode::from(1)
-            }
-        },
-        Cmd::Resume(a) => match control_main(a, vmm::control::Op::Resume) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ssi-vmm: error: {e}");
-                ExitCode::from(1)
-            }
-        },
-        Cmd::Snapshot(a) => match snapshot_main(a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ssi-vmm: error: {e}");
-                ExitCode::from(1)
-            }
-        },
+        Cmd::Status(a) => finish(status_main(a)),
+        Cmd::Pause(a) => finish(control_main(a, vmm::control::Op::Pause)),
+        Cmd::Resume(a) => finish(control_main(a, vmm::control::Op::Resume)),
+        Cmd::Snapshot(a) => finish(snapshot_main(a)),
         Cmd::Restore(a) => {
             let named = a.name.is_some();
             let name = a
