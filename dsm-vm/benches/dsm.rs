@@ -127,6 +127,7 @@ fn two_hosts(pages: u64) -> (Vec<Arc<TcpTransport>>, Vec<DsmMemory>) {
                 hosts: vec![HostId(0), HostId(1)],
                 regions: vec![(0, pages * PAGE as u64)],
                 home: HomePolicy::Interleave { chunk_pages: 1 },
+                loading: false,
             };
             DsmMemory::new(cfg, t.clone()).unwrap()
         })

@@ -31,7 +31,7 @@ mod sim;
 pub mod stats;
 pub mod uffd;
 
-pub use memory::{DiscardHook, DsmConfig, DsmMemory, Error, RegionInfo};
+pub use memory::{DiscardHook, DsmConfig, DsmHandle, DsmMemory, Error, RegionInfo};
 pub use proto::HostId;
 pub use ram::HomePolicy;
 pub use stats::DsmStats;

@@ -46,6 +46,10 @@ pub struct DsmConfig {
     pub regions: Vec<(u64, u64)>,
     /// Where each page's directory lives; identical on every host.
     pub home: HomePolicy,
+    /// A restore: requests for this host's home pages wait until it has preloaded them
+    /// ([`DsmMemory::preload`], then [`DsmMemory::finish_loading`]).
+    #[serde(default)]
+    pub loading: bool,
 }
 
 /// One guest RAM region as mapped on this host.
@@ -273,6 +277,9 @@ impl DsmMemory {
         let kick = unsafe { OwnedFd::from_raw_fd(kfd) };
         let mut engine = engine;
         engine.set_hold(hold_from_env());
+        if cfg.loading {
+            engine.begin_loading();
+        }
         let inner = Arc::new(Inner {
             kick,
             engine: Mutex::new(engine),
@@ -368,6 +375,38 @@ impl DsmMemory {
         self.inner.engine().is_quiescent()
     }
 
+    /// Installs the saved contents of the page at `gpa` (page aligned, homed here) during a
+    /// restore (a [`DsmConfig::loading`] memory): this host becomes its owner. No thread may
+    /// touch the page before.
+    pub fn preload(&self, gpa: u64, data: &[u8; PAGE_SIZE]) -> Result<(), Error> {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(Error::Config(format!("preload at unaligned {gpa:#x}")));
+        }
+        self.inner
+            .engine()
+            .preload(gpa / PAGE_SIZE as u64, data)
+            .map_err(|e| Error::Config(format!("preload at {gpa:#x}: {e}")))
+    }
+
+    /// Ends a restore's loading: the requests held meanwhile are served.
+    pub fn finish_loading(&self) {
+        let held = {
+            let mut e = self.inner.engine();
+            e.finish_loading();
+            e.release_held(Instant::now())
+        };
+        if held.is_some() {
+            self.inner.kick();
+        }
+    }
+
+    /// A handle for the snapshot writer (it outlives nothing: the `DsmMemory` must live).
+    pub fn handle(&self) -> DsmHandle {
+        DsmHandle {
+            inner: self.inner.clone(),
+        }
+    }
+
     /// Installs (once) the hook called before a copy of a page is dropped on invalidation. The
     /// VMM uses it to learn that KVM's shadow page tables built from that page may be stale.
     /// The hook runs under the DSM lock: it must be quick and must not touch guest RAM.
@@ -414,6 +453,32 @@ impl DsmMemory {
 impl Drop for DsmMemory {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// What the snapshot writer asks the DSM of a paused cluster.
+#[derive(Clone)]
+pub struct DsmHandle {
+    inner: Arc<Inner>,
+}
+
+impl DsmHandle {
+    /// Whether this host has no request outstanding and runs no transaction as home.
+    pub fn is_idle(&self) -> bool {
+        self.inner.engine().is_quiescent()
+    }
+
+    /// The guest-physical addresses of the pages this host writes into a snapshot of the
+    /// paused, quiescent cluster: the pages it owns, and those homed here that are only
+    /// shared (reading one may fetch a copy). Every page that holds data is in exactly one
+    /// host's list; the others were never touched.
+    pub fn snapshot_pages(&self) -> Vec<u64> {
+        self.inner
+            .engine()
+            .snapshot_duty()
+            .into_iter()
+            .map(|pfn| pfn * PAGE_SIZE as u64)
+            .collect()
     }
 }
 

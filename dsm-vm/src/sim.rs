@@ -505,3 +505,94 @@ fn a_second_queued_request_from_one_host_is_refused_and_the_first_still_served()
     assert!(sim.access(2, 0, false));
     sim.check();
 }
+
+fn first_word(page: &[u8; PAGE_SIZE]) -> u64 {
+    u64::from_le_bytes(page[..8].try_into().unwrap())
+}
+
+/// A quiescent cluster's snapshot duties give every page that holds data to exactly one
+/// host, and a restore that preloads those pages at their homes, under another host count and
+/// another home interleave, serves the same values to random accesses afterwards.
+#[test]
+fn snapshot_duties_partition_the_pages_and_a_preloaded_restore_reads_them_back() {
+    for seed in 1..=100u64 {
+        let mix = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let hosts = 2 + (seed % 3) as u16;
+        let mut sim = Sim::with_hold(hosts, 6, 1 + seed % 2, Duration::from_millis(seed % 2));
+        sim.run(mix, 2, 30);
+        let mut saved: HashMap<Pfn, u64> = HashMap::new();
+        for e in &sim.engines {
+            for pfn in e.snapshot_duty() {
+                let v = sim
+                    .mems
+                    .iter()
+                    .find_map(|m| m.pages.borrow().get(&pfn).map(|p| first_word(&p.0)))
+                    .unwrap_or_else(|| panic!("seed {seed}: duty pfn {pfn} is held nowhere"));
+                assert!(saved.insert(pfn, v).is_none(), "seed {seed}: pfn {pfn} twice");
+            }
+        }
+        for (pfn, v) in &sim.truth {
+            assert_eq!(saved.get(pfn), Some(v), "seed {seed}: written pfn {pfn}");
+        }
+        for m in &sim.mems {
+            for pfn in m.pages.borrow().keys() {
+                assert!(saved.contains_key(pfn), "seed {seed}: held pfn {pfn} not saved");
+            }
+        }
+
+        let hosts2 = 1 + (seed % 4) as u16;
+        let mut r = Sim::with_hold(hosts2, 6, 1 + seed % 3, Duration::from_millis(seed % 2));
+        for e in &mut r.engines {
+            e.begin_loading();
+        }
+        for (&pfn, &v) in &saved {
+            let home = usize::from(r.engines[0].home(pfn).0);
+            let mut page = [0u8; PAGE_SIZE];
+            page[..8].copy_from_slice(&v.to_le_bytes());
+            r.engines[home].preload(pfn, &page).unwrap();
+            assert!(r.engines[home].preload(pfn, &page).is_err(), "loaded twice");
+        }
+        r.truth = saved.into_iter().filter(|(_, v)| *v != 0).collect();
+        r.next_value = sim.next_value;
+        for e in &mut r.engines {
+            e.finish_loading();
+        }
+        r.check();
+        r.run(mix ^ 0x5555, 2, 30);
+        r.stats();
+    }
+}
+
+/// While a restore is loading, a request for a page that is not loaded yet waits: it is
+/// granted, with the saved data, only once the home has finished loading.
+#[test]
+fn requests_wait_until_the_home_has_loaded() {
+    let mut sim = Sim::new(2, 2, 1);
+    for e in &mut sim.engines {
+        e.begin_loading();
+    }
+    // Page 0 is homed on host 0; host 1 reads it first.
+    assert!(!sim.access(1, 0, false));
+    let (p, w, wp) = sim.faults[1].pop().unwrap();
+    sim.engines[1].on_fault(p, w, wp);
+    let (from, to, req) = sim.wire.borrow_mut().pop().unwrap();
+    assert_eq!(to, HostId(0));
+    sim.engines[0].on_message(from, req);
+    assert!(sim.wire.borrow().is_empty(), "no grant while loading");
+    let mut page = [0u8; PAGE_SIZE];
+    page[..8].copy_from_slice(&42u64.to_le_bytes());
+    sim.engines[0].preload(0, &page).unwrap();
+    // A page homed elsewhere cannot be preloaded here.
+    assert!(sim.engines[0].preload(1, &page).is_err());
+    sim.truth.insert(0, 42);
+    sim.engines[0].finish_loading();
+    loop {
+        let next = sim.wire.borrow_mut().pop();
+        let Some((from, to, msg)) = next else { break };
+        sim.engines[usize::from(to.0)].on_message(from, msg);
+    }
+    assert!(sim.access(1, 0, false), "granted after the load");
+    sim.check();
+    sim.engines[1].finish_loading();
+    assert!(sim.engines.iter().all(|e| e.is_quiescent()));
+}

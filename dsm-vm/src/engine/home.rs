@@ -51,6 +51,18 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             );
             return;
         }
+        if self.loading {
+            if self.deferred.iter().any(|(h, p, _)| *h == from && *p == pfn) {
+                self.fail(format_args!(
+                    "second request for pfn {pfn:#x} from {from} while loading: refused"
+                ));
+                let reason = NackReason::Unavailable;
+                self.deliver(from, Message::Nack { pfn, txn: 0, reason });
+                return;
+            }
+            self.deferred.push((from, pfn, access));
+            return;
+        }
         let stats = self.stats.clone();
         let e = self.dir.entry(pfn).or_insert_with(|| {
             Stats::add(&stats.directory_entries, 1);

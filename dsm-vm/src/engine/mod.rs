@@ -85,6 +85,10 @@ pub(crate) struct Engine<P, N> {
     pages: P,
     net: N,
     stats: Arc<Stats>,
+    /// Restoring: the home pages are being preloaded ([`Engine::preload`]); requests for them
+    /// wait in `deferred` until [`Engine::finish_loading`].
+    loading: bool,
+    deferred: Vec<(HostId, Pfn, Access)>,
 }
 
 /// Fault injection (`FAILPOINTS=dsm-invalidate-keep-stale-copy=return`, feature
@@ -133,7 +137,80 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             pages,
             net,
             stats,
+            loading: false,
+            deferred: Vec::new(),
         }
+    }
+
+    /// Starts a restore: until [`Engine::finish_loading`], requests for pages homed here are
+    /// held (not answered), so no host is granted a page before its saved contents are in.
+    pub(crate) fn begin_loading(&mut self) {
+        self.loading = true;
+    }
+
+    /// Installs the saved contents of a page homed here, writable, with this host as its
+    /// owner (only while loading, once per page, before anybody touched it).
+    pub(crate) fn preload(&mut self, pfn: Pfn, data: &[u8; PAGE_SIZE]) -> Result<(), String> {
+        let Some(i) = self.layout.index(pfn) else {
+            return Err(format!("pfn {pfn:#x} is not guest RAM"));
+        };
+        if !self.loading {
+            return Err("not loading".into());
+        }
+        if self.home(pfn) != self.me {
+            return Err(format!("pfn {pfn:#x} is homed on {}", self.home(pfn)));
+        }
+        if self.local[i] != Local::Invalid || self.dir.contains_key(&pfn) {
+            return Err(format!("pfn {pfn:#x} loaded twice"));
+        }
+        self.pages.install(pfn, Some(data), true)?;
+        self.set_local(i, Local::Exclusive);
+        let me = self.idx(self.me);
+        let stats = self.stats.clone();
+        Stats::add(&stats.directory_entries, 1);
+        self.dir.insert(
+            pfn,
+            DirEntry {
+                owner: me,
+                ..DirEntry::default()
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends the loading: the held requests are served in the order they came.
+    pub(crate) fn finish_loading(&mut self) {
+        self.loading = false;
+        for (from, pfn, access) in std::mem::take(&mut self.deferred) {
+            self.home_request(from, pfn, access);
+        }
+        self.pump();
+    }
+
+    /// The pages this host writes into a snapshot, so that every page that holds data is
+    /// written by exactly one host (call on a quiescent cluster): the pages it owns, and the
+    /// pages homed here that are only shared (no owner; the home reads one of the copies).
+    /// Pages nobody holds were never touched: zero.
+    pub(crate) fn snapshot_duty(&self) -> Vec<Pfn> {
+        let mut out: Vec<Pfn> = Vec::new();
+        let mut i = 0usize;
+        for (first, n) in self.layout.regions() {
+            for k in 0..n {
+                if self.local[i] == Local::Exclusive {
+                    out.push(first + k);
+                }
+                i += 1;
+            }
+        }
+        out.extend(
+            self.dir
+                .iter()
+                .filter(|(_, e)| e.owner.is_none() && e.sharers != 0)
+                .map(|(pfn, _)| *pfn),
+        );
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// Minimum time a host keeps a page it was just granted for writing before the home may move
@@ -195,7 +272,8 @@ impl<P: PageOps, N: Net> Engine<P, N> {
 
     /// No request outstanding here and no transaction running at this home.
     pub(crate) fn is_quiescent(&self) -> bool {
-        self.pending.is_empty()
+        self.deferred.is_empty()
+            && self.pending.is_empty()
             && self.inbox.is_empty()
             && self.held.is_empty()
             && self

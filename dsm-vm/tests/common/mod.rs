@@ -82,6 +82,7 @@ pub fn cluster_with(n: usize, regions: &[(u64, u64)], chunk_pages: u64) -> Vec<H
                 hosts: hosts.clone(),
                 regions: regions.to_vec(),
                 home: HomePolicy::Interleave { chunk_pages },
+                loading: false,
             };
             let mem = DsmMemory::new(cfg, transport.clone()).unwrap();
             Host { transport, mem }

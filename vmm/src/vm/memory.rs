@@ -48,6 +48,7 @@ pub(super) fn dsm_ram(
     net: &Net,
     size: u64,
     placement: &Placement,
+    loading: bool,
 ) -> Result<(dsm_vm::DsmMemory, Ram), Error> {
     let d = dsm_vm::DsmMemory::new(
         dsm_vm::DsmConfig {
@@ -57,6 +58,7 @@ pub(super) fn dsm_ram(
                 .collect(),
             regions: ram_regions(size),
             home: placement.home_policy(),
+            loading,
         },
         net.transport.clone(),
     )?;

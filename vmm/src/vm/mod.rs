@@ -475,7 +475,7 @@ impl Vm {
         let ram = match &net {
             None => memory::local_ram(cfg.memory)?,
             Some(n) => {
-                let (d, ram) = memory::dsm_ram(n, cfg.memory, &placement)?;
+                let (d, ram) = memory::dsm_ram(n, cfg.memory, &placement, restore.is_some())?;
                 dsm = Some(d);
                 ram
             }
