@@ -31,6 +31,7 @@ mod sim;
 pub mod stats;
 pub mod uffd;
 
+pub use engine::Backing;
 pub use memory::{DiscardHook, DsmConfig, DsmHandle, DsmMemory, Error, RegionInfo};
 pub use proto::HostId;
 pub use ram::HomePolicy;

@@ -388,6 +388,12 @@ impl DsmMemory {
             .map_err(|e| Error::Config(format!("preload at {gpa:#x}: {e}")))
     }
 
+    /// Lazy restore (on a [`DsmConfig::loading`] memory, before [`DsmMemory::finish_loading`]):
+    /// home pages nobody has touched are granted `backing`'s contents when first asked for.
+    pub fn set_backing(&self, backing: crate::engine::Backing) {
+        self.inner.engine().set_backing(backing);
+    }
+
     /// Ends a restore's loading: the requests held meanwhile are served.
     pub fn finish_loading(&self) {
         let held = {
@@ -466,6 +472,21 @@ impl DsmHandle {
     /// Whether this host has no request outstanding and runs no transaction as home.
     pub fn is_idle(&self) -> bool {
         self.inner.engine().is_quiescent()
+    }
+
+    /// Lazy restore, behind the guest: loads home page `gpa` from the backing and installs it
+    /// here (this host its owner) unless some host touched it already. Returns whether data
+    /// was installed.
+    pub fn prefetch(&self, gpa: u64) -> Result<bool, Error> {
+        self.inner
+            .engine()
+            .prefetch(gpa / PAGE_SIZE as u64)
+            .map_err(|e| Error::Config(format!("prefetch at {gpa:#x}: {e}")))
+    }
+
+    /// The home host of the page holding guest-physical `gpa`.
+    pub fn home_of(&self, gpa: u64) -> HostId {
+        self.inner.engine().home(gpa / PAGE_SIZE as u64)
     }
 
     /// The guest-physical addresses of the pages this host writes into a snapshot of the

@@ -528,7 +528,10 @@ fn snapshot_duties_partition_the_pages_and_a_preloaded_restore_reads_them_back()
                     .iter()
                     .find_map(|m| m.pages.borrow().get(&pfn).map(|p| first_word(&p.0)))
                     .unwrap_or_else(|| panic!("seed {seed}: duty pfn {pfn} is held nowhere"));
-                assert!(saved.insert(pfn, v).is_none(), "seed {seed}: pfn {pfn} twice");
+                assert!(
+                    saved.insert(pfn, v).is_none(),
+                    "seed {seed}: pfn {pfn} twice"
+                );
             }
         }
         for (pfn, v) in &sim.truth {
@@ -536,10 +539,14 @@ fn snapshot_duties_partition_the_pages_and_a_preloaded_restore_reads_them_back()
         }
         for m in &sim.mems {
             for pfn in m.pages.borrow().keys() {
-                assert!(saved.contains_key(pfn), "seed {seed}: held pfn {pfn} not saved");
+                assert!(
+                    saved.contains_key(pfn),
+                    "seed {seed}: held pfn {pfn} not saved"
+                );
             }
         }
 
+        let saved_copy = saved.clone();
         let hosts2 = 1 + (seed % 4) as u16;
         let mut r = Sim::with_hold(hosts2, 6, 1 + seed % 3, Duration::from_millis(seed % 2));
         for e in &mut r.engines {
@@ -560,6 +567,37 @@ fn snapshot_duties_partition_the_pages_and_a_preloaded_restore_reads_them_back()
         r.check();
         r.run(mix ^ 0x5555, 2, 30);
         r.stats();
+
+        // The same restore, lazily: nothing preloaded, each home serves its pages from the
+        // saved contents on first request, and streams in (prefetches) some of them.
+        let mut l = Sim::with_hold(hosts2, 6, 1 + seed % 3, Duration::from_millis(seed % 2));
+        for e in &mut l.engines {
+            e.begin_loading();
+            let saved = saved_copy.clone();
+            e.set_backing(Box::new(move |pfn| {
+                Ok(saved.get(&pfn).filter(|v| **v != 0).map(|v| {
+                    let mut b = proto::PageBuf::zeroed();
+                    b.0[..8].copy_from_slice(&v.to_le_bytes());
+                    b
+                }))
+            }));
+        }
+        l.truth = saved_copy
+            .iter()
+            .filter(|(_, v)| **v != 0)
+            .map(|(p, v)| (*p, *v))
+            .collect();
+        l.next_value = sim.next_value;
+        for e in &mut l.engines {
+            e.finish_loading();
+        }
+        for pfn in (0..6).filter(|p| p % 2 == seed % 2) {
+            let home = usize::from(l.engines[0].home(pfn).0);
+            l.engines[home].prefetch(pfn).unwrap();
+        }
+        l.check();
+        l.run(mix ^ 0xaaaa, 2, 30);
+        l.stats();
     }
 }
 

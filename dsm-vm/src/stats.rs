@@ -71,6 +71,8 @@ counters! {
     home_queued,
     /// Pages this host is home of that some host has touched.
     directory_entries,
+    /// Lazy restore: home pages first granted (or streamed in) from the snapshot.
+    pages_backed,
     /// Protocol invariant violations or malformed requests seen (should stay 0).
     protocol_errors,
     /// Transport send failures.

@@ -25,7 +25,13 @@
 //!   (see the `snapshot` crate), then resumes it, or stops it when `stop` is true (a VM that
 //!   was paused before stays paused). A failure leaves no snapshot and the VM as it was.
 //!   Answered once the snapshot is committed, with `"dir"`; a client waits up to
-//!   [`SNAPSHOT_TIMEOUT`]. Single-host (`run`) VMs only for now.
+//!   [`SNAPSHOT_TIMEOUT`]. `run` VMs only: a cluster host refuses it;
+//! - the three steps `ssi-vmm snapshot` drives on every host of a cluster (see
+//!   `vmm::cluster::snapshot`): `"quiesce"` (on a paused host: no DSM transaction in flight
+//!   here, and one ping round trip to every peer so that everything sent before was handled),
+//!   `"save"` with `"dir"` (the snapshot's partial directory: the vCPUs save their state and
+//!   the host writes its memory file, states and disk copies there; answered with `"parts"`,
+//!   what it wrote), and `"stop"` with `"dir"` (the VM stops as snapshotted, exit status 0).
 //!
 //! Unknown fields are ignored. Responses:
 //! - success: `{"ok":true,"version":1,"state":"running"|"paused"|"stopping","vcpus":[...]}`
@@ -173,6 +179,19 @@ pub enum Op {
         /// Stop the VM once the snapshot is committed.
         stop: bool,
     },
+    /// Cluster snapshot, on a paused host: settle the DSM and flush the links.
+    Quiesce,
+    /// Cluster snapshot, on a paused, quiesced host: save the vCPUs and write this host's
+    /// files into `dir` (the snapshot's partial directory).
+    Save {
+        /// The partial directory (absolute, existing).
+        dir: PathBuf,
+    },
+    /// Stop the VM because it was snapshotted into `dir` (exit status 0).
+    Stop {
+        /// The committed snapshot.
+        dir: PathBuf,
+    },
 }
 
 impl Op {
@@ -183,6 +202,9 @@ impl Op {
             Op::Resume => "resume",
             Op::Status => "status",
             Op::Snapshot { .. } => "snapshot",
+            Op::Quiesce => "quiesce",
+            Op::Save { .. } => "save",
+            Op::Stop { .. } => "stop",
         }
     }
 
@@ -194,6 +216,12 @@ impl Op {
                 "op": self.name(),
                 "dir": dir.to_string_lossy(),
                 "stop": stop,
+            })
+            .to_string(),
+            Op::Save { dir } | Op::Stop { dir } => serde_json::json!({
+                "version": VERSION,
+                "op": self.name(),
+                "dir": dir.to_string_lossy(),
             })
             .to_string(),
             _ => serde_json::json!({ "version": VERSION, "op": self.name() }).to_string(),
@@ -217,22 +245,33 @@ pub fn parse_request(line: &[u8]) -> Result<Op, String> {
             ))
         }
     }
+    let dir_of = |op: &str| -> Result<PathBuf, String> {
+        let dir = obj
+            .get("dir")
+            .and_then(|d| d.as_str())
+            .ok_or(format!("{op}: missing or non-string \"dir\""))?;
+        let dir = PathBuf::from(dir);
+        if !dir.is_absolute() {
+            return Err(format!(
+                "{op}: \"dir\" must be an absolute path, not {}",
+                dir.display()
+            ));
+        }
+        Ok(dir)
+    };
     match obj.get("op").and_then(|o| o.as_str()) {
         Some("pause") => Ok(Op::Pause),
+        Some("quiesce") => Ok(Op::Quiesce),
+        Some("save") => Ok(Op::Save {
+            dir: dir_of("save")?,
+        }),
+        Some("stop") => Ok(Op::Stop {
+            dir: dir_of("stop")?,
+        }),
         Some("resume") => Ok(Op::Resume),
         Some("status") => Ok(Op::Status),
         Some("snapshot") => {
-            let dir = obj
-                .get("dir")
-                .and_then(|d| d.as_str())
-                .ok_or("snapshot: missing or non-string \"dir\"")?;
-            let dir = PathBuf::from(dir);
-            if !dir.is_absolute() {
-                return Err(format!(
-                    "snapshot: \"dir\" must be an absolute path, not {}",
-                    dir.display()
-                ));
-            }
+            let dir = dir_of("snapshot")?;
             let stop = match obj.get("stop") {
                 None => false,
                 Some(v) => v.as_bool().ok_or("snapshot: \"stop\" must be a boolean")?,
@@ -240,7 +279,7 @@ pub fn parse_request(line: &[u8]) -> Result<Op, String> {
             Ok(Op::Snapshot { dir, stop })
         }
         Some(other) => Err(format!(
-            "unknown op {other:?} (expected pause, resume, status or snapshot)"
+            "unknown op {other:?} (expected pause, resume, status, snapshot, quiesce, save or stop)"
         )),
         None => Err("missing or non-string \"op\"".into()),
     }
@@ -265,6 +304,9 @@ pub struct Response {
     /// The snapshot written (`snapshot`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<String>,
+    /// What this host wrote (`save`: the VMM's `HostParts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parts: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -276,6 +318,7 @@ impl Response {
             state: None,
             vcpus: None,
             dir: None,
+            parts: None,
         }
     }
 
@@ -287,6 +330,7 @@ impl Response {
             state: Some(state),
             vcpus,
             dir: None,
+            parts: None,
         }
     }
 
@@ -313,6 +357,20 @@ pub trait Target: Send + Sync {
         let _ = (dir, stop);
         Err("this VM cannot be snapshotted".into())
     }
+    /// Cluster snapshot: settles the DSM and flushes the links of a paused host.
+    fn quiesce(&self) -> Result<(), String> {
+        Err("this VM cannot be snapshotted".into())
+    }
+    /// Cluster snapshot: writes this host's part into the partial directory `dir`.
+    fn save(&self, dir: &Path) -> Result<serde_json::Value, String> {
+        let _ = dir;
+        Err("this VM cannot be snapshotted".into())
+    }
+    /// Stops the VM, snapshotted into `dir`.
+    fn stop_snapshotted(&self, dir: &Path) -> Result<(), String> {
+        let _ = dir;
+        Err("this VM cannot be stopped here".into())
+    }
 }
 
 impl Target for Controller {
@@ -327,6 +385,19 @@ impl Target for Controller {
     }
     fn snapshot(&self, dir: &Path, stop: bool) -> Result<PathBuf, String> {
         Controller::snapshot(self, dir, stop).map_err(|e| e.to_string())
+    }
+    fn quiesce(&self) -> Result<(), String> {
+        Controller::quiesce(self, ACK_TIMEOUT).map_err(|e| e.to_string())
+    }
+    fn save(&self, dir: &Path) -> Result<serde_json::Value, String> {
+        let parts = Controller::save_parts(self, dir).map_err(|e| e.to_string())?;
+        serde_json::to_value(parts).map_err(|e| e.to_string())
+    }
+    fn stop_snapshotted(&self, dir: &Path) -> Result<(), String> {
+        self.stop_with(crate::stop::StopReason::Snapshotted(
+            dir.display().to_string(),
+        ));
+        Ok(())
     }
 }
 
@@ -351,6 +422,16 @@ pub fn handle(target: &dyn Target, line: &[u8]) -> Response {
             }
             Err(e) => Err(e),
         },
+        Op::Quiesce => target.quiesce(),
+        Op::Save { dir } => match target.save(dir) {
+            Ok(parts) => {
+                let mut r = Response::ok(target.status().state, None);
+                r.parts = Some(parts);
+                return r;
+            }
+            Err(e) => Err(e),
+        },
+        Op::Stop { dir } => target.stop_snapshotted(dir),
     };
     match done {
         Ok(()) => Response::ok(target.status().state, None),
@@ -621,7 +702,7 @@ pub fn endpoints(root: &Path, name: &str) -> Result<Vec<Endpoint>, Error> {
 /// response object.
 pub fn request(path: &Path, op: Op) -> Result<serde_json::Value, Error> {
     let timeout = match op {
-        Op::Snapshot { .. } => SNAPSHOT_TIMEOUT,
+        Op::Snapshot { .. } | Op::Save { .. } => SNAPSHOT_TIMEOUT,
         _ => IO_TIMEOUT,
     };
     let s = UnixStream::connect(path).map_err(|e| match e.kind() {
@@ -745,6 +826,42 @@ mod tests {
         };
         let r = handle(&f, br#"{"version":1,"op":"snapshot","dir":"/s"}"#);
         assert!(!r.ok && r.error.unwrap().contains("cannot be snapshotted"));
+    }
+
+    #[test]
+    fn cluster_snapshot_steps_are_validated() {
+        for op in [
+            Op::Quiesce,
+            Op::Save {
+                dir: PathBuf::from("/srv/snap.tmp-7"),
+            },
+            Op::Stop {
+                dir: PathBuf::from("/srv/snap"),
+            },
+        ] {
+            assert_eq!(parse_request(op.request().as_bytes()), Ok(op));
+        }
+        for (line, needle) in [
+            (&br#"{"version":1,"op":"save"}"#[..], "\"dir\""),
+            (br#"{"version":1,"op":"save","dir":"x"}"#, "absolute"),
+            (br#"{"version":1,"op":"stop","dir":7}"#, "\"dir\""),
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        // A target that cannot snapshot refuses each step, saying so.
+        let f = Fake {
+            paused: Mutex::new(false),
+            fail: false,
+        };
+        for line in [
+            &br#"{"version":1,"op":"quiesce"}"#[..],
+            br#"{"version":1,"op":"save","dir":"/s"}"#,
+        ] {
+            let r = handle(&f, line);
+            assert!(!r.ok && r.error.unwrap().contains("cannot be snapshotted"));
+            assert!(r.parts.is_none());
+        }
     }
 
     #[test]

@@ -32,12 +32,14 @@ enum Cmd {
     Pause(ControlArgs),
     /// Resume a paused VM.
     Resume(ControlArgs),
-    /// Snapshot a running `run --name NAME` VM into DIR (which must not exist), then let it
-    /// go on (or stop it with --stop). `ssi-vmm snapshot inspect DIR` describes a snapshot.
+    /// Snapshot a running VM (`run --name NAME`, or every host of cluster NAME) into DIR
+    /// (which must not exist), then let it go on (or stop it with --stop). `ssi-vmm snapshot
+    /// inspect DIR` describes a snapshot.
     Snapshot(SnapshotArgs),
-    /// Start the VM of a snapshot on this host, where the snapshot was taken. The guest's
-    /// disks are the snapshot's copies, used in place (the snapshot's disk then moves on with
-    /// the guest: copy the directory first to restore it more than once).
+    /// Start the VM of a snapshot: on this host, on N local host processes (--local N), or
+    /// on the hosts of a cluster file (--config), whatever number of hosts it was taken on.
+    /// The guest's disks are the snapshot's copies, used in place (the snapshot's disk then
+    /// moves on with the guest: copy the directory first to restore it more than once).
     Restore(RestoreArgs),
 }
 
@@ -59,9 +61,25 @@ struct SnapshotArgs {
 struct RestoreArgs {
     /// The snapshot directory.
     dir: PathBuf,
-    /// VM name: its control socket is `<state root>/NAME/control.sock` (default run-<pid>).
+    /// VM name: its control socket is `<state root>/NAME/control.sock`, or the cluster's
+    /// name (default run-<pid> / local-<pid>).
     #[arg(long)]
     name: Option<String>,
+    /// Restore onto N host processes on this machine (default: as many hosts as it was
+    /// taken on; 1 runs it in this process, like `run`).
+    #[arg(long, conflicts_with = "config")]
+    local: Option<usize>,
+    /// Restore onto the hosts of this cluster file (its machine fields are replaced by the
+    /// snapshot's; its hosts' vCPUs must add up to the guest's).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Key file of the cluster's host daemons (with --config).
+    #[arg(long, requires = "config")]
+    key_file: Option<PathBuf>,
+    /// Start the guest before its memory is loaded: pages come from the snapshot when first
+    /// touched, the rest streams in behind (runs as a cluster, also on one host).
+    #[arg(long)]
+    lazy: bool,
     /// Write exit statistics as JSON to this file when the VM stops.
     #[arg(long)]
     stats_json: Option<PathBuf>,
@@ -80,12 +98,20 @@ fn snapshot_main(a: SnapshotArgs) -> Result<(), String> {
     let dir = std::path::absolute(&a.dir)
         .map_err(|e| format!("snapshot directory {}: {e}", a.dir.display()))?;
     let endpoints = control::endpoints(&root, &a.name).map_err(|e| e.to_string())?;
-    if endpoints.len() != 1 {
-        return Err(format!(
-            "{} runs on {} hosts: snapshots of a VM spread over several hosts are not supported yet",
+    if endpoints.len() > 1 || endpoints.first().is_some_and(|e| e.label != "vm") {
+        let t = vmm::cluster::snapshot::take(&endpoints, &dir, a.stop)
+            .map_err(|e| format!("{}: {e}", a.name))?;
+        let then = if a.stop { "stopped" } else { "resumed" };
+        eprintln!(
+            "ssi-vmm: {} ({} hosts) snapshotted to {} and {then}; the guest was paused for \
+             {:.2} s, {} MiB of data pages written",
             a.name,
-            endpoints.len()
-        ));
+            endpoints.len(),
+            t.dir.display(),
+            t.paused_for.as_secs_f64(),
+            t.data_bytes >> 20
+        );
+        return Ok(());
     }
     let v = control::request(
         &endpoints[0].path,
@@ -169,6 +195,10 @@ struct UpArgs {
     /// vCPUs per host (with --local).
     #[arg(long, default_value_t = 1)]
     cpus_per_host: u32,
+    /// vCPUs in all, spread over the --local hosts as evenly as possible (the first hosts
+    /// take one more); replaces --cpus-per-host.
+    #[arg(long, requires = "local")]
+    cpus: Option<u32>,
     /// Cluster name (with --local; default local-<pid>).
     #[arg(long)]
     name: Option<String>,
@@ -276,7 +306,7 @@ fn up_outcomes(
                 .ok_or("--config needs --key-file (the host daemons' key)")?;
             let key = launch::read_key(&key_file).map_err(|e| e.to_string())?;
             let dir = vmm::cluster::status::state_root().join(&file.name);
-            launch::up(&file, &key, Some(dir), ctl).map_err(|e| e.to_string())?
+            launch::up(&file, &key, Some(dir), None, ctl).map_err(|e| e.to_string())?
         }
         (None, Some(n)) => {
             if n == 0 || n > spec::MAX_HOSTS {
@@ -286,6 +316,11 @@ fn up_outcomes(
                 ));
             }
             let kernel = a.kernel.ok_or("--local needs --kernel")?;
+            let cpus = match a.cpus {
+                Some(c) => vmm::vm::snap::spread_cpus(c, n)
+                    .ok_or(format!("--cpus {c} cannot give each of {n} hosts a vCPU"))?,
+                None => vec![a.cpus_per_host; n],
+            };
             let file = spec::ClusterFile {
                 name: a
                     .name
@@ -297,10 +332,12 @@ fn up_outcomes(
                 append: a.append,
                 home_chunk_pages: a.home_chunk_pages,
                 // Placeholder addresses: `up_local` assigns the real ones.
-                hosts: (0..n)
-                    .map(|i| spec::HostEntry {
+                hosts: cpus
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| spec::HostEntry {
                         addr: format!("127.0.0.1:{}", i + 1),
-                        cpus: a.cpus_per_host,
+                        cpus: *c,
                     })
                     .collect(),
                 disks: a
@@ -319,12 +356,9 @@ fn up_outcomes(
             // Check the machine here, before any process is started.
             let f = spec::ClusterFile::parse(&file.to_toml().map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;
-            let mut cfg = f.vm_config().map_err(|e| e.to_string())?;
-            cfg.cpus = u8::try_from(a.cpus_per_host.saturating_mul(n as u32))
-                .map_err(|_| config::Error::BadCpuCount(a.cpus_per_host.saturating_mul(n as u32)))
-                .map_err(|e| e.to_string())?;
+            let cfg = f.vm_config().map_err(|e| e.to_string())?;
             cfg.validate().map_err(|e| e.to_string())?;
-            launch::up_local(file, n, a.cpus_per_host, ctl).map_err(|e| e.to_string())?
+            launch::up_local(file, &cpus, None, ctl).map_err(|e| e.to_string())?
         }
         _ => return Err("give either --config FILE or --local N".into()),
     })
@@ -478,7 +512,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
             // Everything is read and verified before anything is started.
-            let r = match vmm::vm::snap::load(&a.dir) {
+            let r = match vmm::vm::snap::load(&a.dir, true) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("ssi-vmm: error: cannot restore {}: {e}", a.dir.display());
@@ -501,6 +535,17 @@ fn main() -> ExitCode {
                         .join(", ")
                 }
             );
+            let hosts = a.local.unwrap_or(usize::from(r.placement.hosts));
+            if a.config.is_some() || hosts != 1 || a.lazy {
+                let name = a.name.clone();
+                return match restore_cluster(a, r, hosts, name) {
+                    Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                    Err(e) => {
+                        eprintln!("ssi-vmm: error: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
             let mut cfg = r.vm_config();
             cfg.stats_json = a.stats_json;
             serve_vm(&name, named, &cfg, || vmm::vm::Vm::restore(&r))
@@ -525,6 +570,79 @@ fn main() -> ExitCode {
             serve_vm(&name, named, &cfg, || vmm::vm::Vm::start(&cfg, None))
         }
     }
+}
+
+/// `restore DIR --local N` / `--config FILE`: the snapshot's VM on several hosts, started as
+/// `up` starts a cluster (every host reads the snapshot directory). Returns the exit code.
+fn restore_cluster(
+    a: RestoreArgs,
+    r: vmm::vm::snap::Restore,
+    hosts: usize,
+    name: Option<String>,
+) -> Result<i32, String> {
+    use vmm::cluster::{launch, spec};
+    let dir = std::path::absolute(&a.dir)
+        .map_err(|e| format!("snapshot directory {}: {e}", a.dir.display()))?;
+    let ctl = launch::UpControl::new();
+    ctl.install().map_err(|e| e.to_string())?;
+    let outcomes = match a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let given = spec::ClusterFile::parse(&text).map_err(|e| e.to_string())?;
+            let cpus: Vec<u32> = given.hosts.iter().map(|h| h.cpus).collect();
+            let mut file = r
+                .cluster_file(&given.name, &cpus)
+                .map_err(|e| e.to_string())?;
+            file.hosts = given.hosts;
+            let key_file = a
+                .key_file
+                .ok_or("--config needs --key-file (the host daemons' key)")?;
+            let key = launch::read_key(&key_file).map_err(|e| e.to_string())?;
+            let state = vmm::cluster::status::state_root().join(&file.name);
+            eprintln!(
+                "ssi-vmm: restoring {} onto the {} hosts of {}",
+                dir.display(),
+                cpus.len(),
+                path.display()
+            );
+            let restore = launch::Restore { dir, lazy: a.lazy };
+            launch::up(&file, &key, Some(state), Some(restore), &ctl).map_err(|e| e.to_string())?
+        }
+        None => {
+            if hosts == 0 || hosts > spec::MAX_HOSTS {
+                return Err(format!(
+                    "--local needs between 1 and {} hosts",
+                    spec::MAX_HOSTS
+                ));
+            }
+            let cpus =
+                vmm::vm::snap::spread_cpus(u32::from(r.guest.cpus), hosts).ok_or(format!(
+                    "the guest has {} vCPU(s): it cannot be spread over {hosts} hosts (each \
+                     host runs at least one)",
+                    r.guest.cpus
+                ))?;
+            let name = name.unwrap_or_else(|| format!("local-{}", std::process::id()));
+            vmm::control::validate_name(&name).map_err(|e| e.to_string())?;
+            let file = r.cluster_file(&name, &cpus).map_err(|e| e.to_string())?;
+            eprintln!(
+                "ssi-vmm: restoring {} ({} vCPU(s), {} MiB, taken on {} host(s)) onto {hosts} \
+                 local hosts with {cpus:?} vCPUs",
+                dir.display(),
+                r.guest.cpus,
+                r.guest.memory >> 20,
+                r.placement.hosts
+            );
+            drop(r);
+            let restore = launch::Restore { dir, lazy: a.lazy };
+            launch::up_local(file, &cpus, Some(restore), &ctl).map_err(|e| e.to_string())?
+        }
+    };
+    if let Some(sig) = ctl.signal() {
+        report_outcomes(&outcomes);
+        return Ok(launch::signal_exit_code(sig));
+    }
+    Ok(report_outcomes(&outcomes))
 }
 
 /// Starts a VM on this host (`run`, `restore`) with its control socket, waits until it stops

@@ -52,12 +52,23 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             return;
         }
         if self.loading {
-            if self.deferred.iter().any(|(h, p, _)| *h == from && *p == pfn) {
+            if self
+                .deferred
+                .iter()
+                .any(|(h, p, _)| *h == from && *p == pfn)
+            {
                 self.fail(format_args!(
                     "second request for pfn {pfn:#x} from {from} while loading: refused"
                 ));
                 let reason = NackReason::Unavailable;
-                self.deliver(from, Message::Nack { pfn, txn: 0, reason });
+                self.deliver(
+                    from,
+                    Message::Nack {
+                        pfn,
+                        txn: 0,
+                        reason,
+                    },
+                );
                 return;
             }
             self.deferred.push((from, pfn, access));
@@ -100,6 +111,12 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         let id = self.next_txn;
         self.next_txn += 1;
         Stats::add(&self.stats.home_transactions, 1);
+        // A page nobody has held since a lazy restore: its saved contents, not zeros.
+        let untouched = self
+            .dir
+            .get(&pfn)
+            .is_some_and(|e| e.owner.is_none() && e.sharers == 0);
+        let backed = if untouched { self.backed(pfn) } else { None };
         let Some(e) = self.dir.get_mut(&pfn) else {
             return;
         };
@@ -112,7 +129,7 @@ impl<P: PageOps, N: Net> Engine<P, N> {
         };
         let mut sends = Vec::new();
         let mut waiting = 0u64;
-        let mut content = Content::Zero;
+        let mut content = backed.map_or(Content::Zero, Content::Data);
         let mut anomaly = None;
         match (access, e.owner) {
             (_, Some(o)) if 1 << o == rbit => {

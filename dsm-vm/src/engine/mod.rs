@@ -62,6 +62,11 @@ pub(crate) enum Local {
     Exclusive,
 }
 
+/// Where a lazy restore's pages come from: the saved contents of a page homed here, read when
+/// the page is first asked for (`Ok(None)`: a zero or never-touched page). An error is
+/// reported by the VMM (which stops the VM) and the page is granted as zero.
+pub type Backing = Box<dyn Fn(Pfn) -> Result<Option<PageBuf>, String> + Send>;
+
 /// Largest cluster the directory's host bit sets can describe.
 pub(crate) const MAX_HOSTS: usize = 64;
 
@@ -89,6 +94,8 @@ pub(crate) struct Engine<P, N> {
     /// wait in `deferred` until [`Engine::finish_loading`].
     loading: bool,
     deferred: Vec<(HostId, Pfn, Access)>,
+    /// Lazy restore: the saved contents of home pages nobody has touched yet.
+    backing: Option<Backing>,
 }
 
 /// Fault injection (`FAILPOINTS=dsm-invalidate-keep-stale-copy=return`, feature
@@ -139,7 +146,63 @@ impl<P: PageOps, N: Net> Engine<P, N> {
             stats,
             loading: false,
             deferred: Vec::new(),
+            backing: None,
         }
+    }
+
+    /// Lazy restore: the first request for a home page nobody has touched since the restore
+    /// is granted `backing`'s contents instead of zeros.
+    pub(crate) fn set_backing(&mut self, backing: Backing) {
+        self.backing = Some(backing);
+    }
+
+    /// The saved contents of untouched home page `pfn`, if there is a backing and it has data.
+    fn backed(&self, pfn: Pfn) -> Option<PageBuf> {
+        let b = self.backing.as_ref()?;
+        match b(pfn) {
+            Ok(page) => {
+                if page.is_some() {
+                    Stats::add(&self.stats.pages_backed, 1);
+                }
+                page
+            }
+            Err(e) => {
+                self.fail(format_args!("saved contents of pfn {pfn:#x}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Lazy restore, streaming behind the guest: loads home page `pfn` from the backing and
+    /// installs it here as its owner, unless somebody touched it already. Returns whether it
+    /// installed data.
+    pub(crate) fn prefetch(&mut self, pfn: Pfn) -> Result<bool, String> {
+        let Some(i) = self.layout.index(pfn) else {
+            return Err(format!("pfn {pfn:#x} is not guest RAM"));
+        };
+        if self.home(pfn) != self.me
+            || self.loading
+            || self.dir.contains_key(&pfn)
+            || self.local[i] != Local::Invalid
+            || self.pending.contains_key(&pfn)
+        {
+            return Ok(false);
+        }
+        let Some(page) = self.backed(pfn) else {
+            return Ok(false);
+        };
+        self.pages.install(pfn, Some(&page.0), true)?;
+        self.set_local(i, Local::Exclusive);
+        let me = self.idx(self.me);
+        Stats::add(&self.stats.directory_entries, 1);
+        self.dir.insert(
+            pfn,
+            DirEntry {
+                owner: me,
+                ..DirEntry::default()
+            },
+        );
+        Ok(true)
     }
 
     /// Starts a restore: until [`Engine::finish_loading`], requests for pages homed here are

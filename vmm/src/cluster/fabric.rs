@@ -237,6 +237,9 @@ pub fn stop_from_wire(s: &str, from: usize) -> StopReason {
         "poweroff" => StopReason::PowerOff,
         "reset" => StopReason::Reset,
         "triple-fault" => StopReason::TripleFault,
+        e if e.starts_with("snapshotted: ") => {
+            StopReason::Snapshotted(e["snapshotted: ".len()..].to_string())
+        }
         e => StopReason::Error(format!(
             "host {from} stopped the machine: {}",
             e.strip_prefix("error: ").unwrap_or(e)

@@ -304,6 +304,15 @@ fn daemon_signals(vm: Arc<Mutex<Option<Arc<crate::vm::Controller>>>>) -> Result<
     Ok(())
 }
 
+/// A snapshot for `up` to restore instead of booting.
+#[derive(Clone, Debug)]
+pub struct Restore {
+    /// The snapshot directory (absolute; readable by every host).
+    pub dir: PathBuf,
+    /// Lazy restore.
+    pub lazy: bool,
+}
+
 /// What `up` sends each host (plain serde data).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Job {
@@ -315,6 +324,13 @@ pub struct Job {
     pub epoch_ns: u64,
     /// Where the status home (host 0 by default) writes the status.
     pub state_dir: Option<PathBuf>,
+    /// Restore the VM from this snapshot instead of booting it (the cluster file then
+    /// describes the snapshot's machine; the directory must be readable by every host).
+    #[serde(default)]
+    pub restore: Option<PathBuf>,
+    /// With `restore`: start the vCPUs before guest RAM is loaded (lazy restore).
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// Reads a cluster key (the file's bytes, surrounding whitespace removed).
@@ -416,7 +432,11 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
     loop {
         let (mut stream, peer) = listener.accept().map_err(io("accept"))?;
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut job_restore = None;
+        let mut job_lazy = false;
         let accepted = read_job(&mut stream, &key).and_then(|job| {
+            job_restore = job.restore.clone();
+            job_lazy = job.lazy;
             let file = ClusterFile::parse(&job.cluster)?;
             let spec = file.spec(job.host, key.clone(), job.epoch_ns, job.state_dir.clone())?;
             let cfg = file.vm_config()?;
@@ -460,7 +480,16 @@ pub fn host_daemon(listen: SocketAddr, key_file: &Path) -> Result<i32, Error> {
             .filter(|_| usize::from(spec.placement.status_home) == me);
         let done = Arc::new(AtomicBool::new(false));
         let watch = stream.try_clone();
-        let result = crate::vm::Vm::start(&cfg, Some((spec, listener))).map(|vm| {
+        let started = match &job_restore {
+            None => crate::vm::Vm::start(&cfg, Some((spec, listener))),
+            Some(dir) => crate::vm::snap::load(dir, false)
+                .map_err(crate::vm::Error::from)
+                .and_then(|mut r| {
+                    r.lazy = job_lazy;
+                    crate::vm::Vm::restore_cluster(&cfg, (spec, listener), &r)
+                }),
+        };
+        let result = started.map(|vm| {
             let ctl = vm.controller();
             *running.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctl.clone());
             match watch {
@@ -587,9 +616,10 @@ pub fn up(
     file: &ClusterFile,
     key: &[u8],
     state_dir: Option<PathBuf>,
+    restore: Option<Restore>,
     ctl: &Arc<UpControl>,
 ) -> Result<Vec<HostOutcome>, Error> {
-    let r = up_inner(file, key, state_dir, ctl);
+    let r = up_inner(file, key, state_dir, restore, ctl);
     if r.is_err() {
         // The hosts that accepted their jobs see their job connection end and stop.
         ctl.close_streams();
@@ -602,6 +632,7 @@ fn up_inner(
     file: &ClusterFile,
     key: &[u8],
     state_dir: Option<PathBuf>,
+    restore: Option<Restore>,
     ctl: &Arc<UpControl>,
 ) -> Result<Vec<HostOutcome>, Error> {
     let addrs = file.addrs()?;
@@ -627,6 +658,8 @@ fn up_inner(
             host,
             epoch_ns,
             state_dir: state_dir.clone(),
+            restore: restore.as_ref().map(|r| r.dir.clone()),
+            lazy: restore.as_ref().is_some_and(|r| r.lazy),
         };
         s.write_all(&encode_job(&job, key)?)
             .map_err(|e| host_err(format!("sending the job: {e}")))?;
@@ -703,20 +736,16 @@ impl LocalCluster {
     /// Starts `hosts` daemons of this executable, the console home (host 0 by default) on our
     /// stdio, the others logging to
     /// `<dir>/host-<i>.log`. `file` gives the machine; its host list is replaced.
-    pub fn start(
-        mut file: ClusterFile,
-        hosts: usize,
-        cpus_per_host: u32,
-        dir: PathBuf,
-    ) -> Result<LocalCluster, Error> {
+    pub fn start(mut file: ClusterFile, cpus: &[u32], dir: PathBuf) -> Result<LocalCluster, Error> {
         std::fs::create_dir_all(&dir).map_err(io(&dir.display().to_string()))?;
         let key_path = dir.join("key");
         let key = generate_key(&key_path)?;
-        file.hosts = (0..hosts)
-            .map(|_| {
+        file.hosts = cpus
+            .iter()
+            .map(|&cpus| {
                 Ok(super::spec::HostEntry {
                     addr: format!("127.0.0.1:{}", free_port()?),
-                    cpus: cpus_per_host,
+                    cpus,
                 })
             })
             .collect::<Result<_, Error>>()?;
@@ -793,15 +822,17 @@ impl LocalCluster {
     }
 }
 
-/// `up --local N`: starts the daemons, runs the job, reaps them; returns the outcomes.
+/// `up --local N` (host `i` running `cpus[i]` vCPUs; `restore --local N` with the snapshot to
+/// restore): starts the daemons, runs the job, reaps them; returns the outcomes.
 pub fn up_local(
     file: ClusterFile,
-    hosts: usize,
-    cpus_per_host: u32,
+    cpus: &[u32],
+    restore: Option<Restore>,
     ctl: &Arc<UpControl>,
 ) -> Result<Vec<HostOutcome>, Error> {
+    let hosts = cpus.len();
     let dir = status::state_root().join(&file.name);
-    let cluster = LocalCluster::start(file, hosts, cpus_per_host, dir.clone())?;
+    let cluster = LocalCluster::start(file, cpus, dir.clone())?;
     ctl.add_pids(&cluster.pids());
     eprintln!(
         "ssi-vmm: local cluster {:?}: {} host processes (pids {:?}), logs in {}",
@@ -810,7 +841,7 @@ pub fn up_local(
         cluster.pids(),
         dir.display()
     );
-    let result = up(&cluster.file, &cluster.key, Some(dir), ctl);
+    let result = up(&cluster.file, &cluster.key, Some(dir), restore, ctl);
     // After a failed start, daemons still waiting for a job would never exit.
     let grace = if result.is_ok() {
         STOP_GRACE
@@ -832,6 +863,8 @@ mod tests {
             host: 1,
             epoch_ns: 5,
             state_dir: None,
+            restore: None,
+            lazy: false,
         }
     }
 

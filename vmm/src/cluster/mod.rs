@@ -17,6 +17,7 @@ pub mod fabric;
 pub mod launch;
 pub mod placement;
 pub mod shadow;
+pub mod snapshot;
 pub mod spec;
 pub mod status;
 pub mod timesync;

@@ -88,6 +88,12 @@ pub enum Error {
     /// The VM is stopping: it can no longer be paused or resumed.
     #[error("the VM is stopping")]
     Stopping,
+    /// The request needs a paused VM.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// The cluster did not settle.
+    #[error("{0}")]
+    Busy(String),
     /// A vCPU did not answer a pause or resume request.
     #[error("{0}")]
     Vcpu(#[source] vcpu_control::Error),
@@ -170,8 +176,10 @@ struct Handles {
 pub struct Controller {
     handles: Mutex<Handles>,
     stop: Arc<Stopper>,
-    /// What a snapshot saves besides the vCPUs (None: a cluster host, not supported yet).
-    snap: Option<snap::Source>,
+    /// What a snapshot saves besides the vCPUs.
+    snap: snap::Source,
+    /// The cluster's transport (None: a single host).
+    transport: Option<Arc<dyn transport::Transport>>,
 }
 
 impl Controller {
@@ -282,7 +290,10 @@ impl Controller {
         if self.stop.stopped() {
             return Err(Error::Stopping);
         }
-        let src = self.snap.as_ref().ok_or(snap::Error::Cluster)?;
+        if self.transport.is_some() {
+            return Err(snap::Error::Cluster.into());
+        }
+        let src = &self.snap;
         let was_paused = h.paused;
         if !was_paused {
             if let Err(e) = Self::broadcast(
@@ -339,6 +350,80 @@ impl Controller {
             _ => {}
         }
         r
+    }
+
+    /// Part of a cluster snapshot, on a paused host: waits (up to `timeout`) until this host's
+    /// DSM has no transaction in flight, then makes sure every message it sent before has
+    /// been handled by its peers (one `Ping` round trip per peer: links deliver in order, and
+    /// handlers run in arrival order). The coordinator runs this on every host, twice, so
+    /// that messages sent while handling earlier ones (an `IrqPulse` that becomes an IPI) are
+    /// in too: then no page, interrupt or forwarded access is in flight anywhere.
+    pub fn quiesce(&self, timeout: Duration) -> Result<(), Error> {
+        let h = self.lock();
+        if self.stop.stopped() {
+            return Err(Error::Stopping);
+        }
+        if !h.paused {
+            return Err(Error::NotPaused);
+        }
+        let deadline = Instant::now() + timeout;
+        if let Some(d) = &self.snap.dsm {
+            while !d.is_idle() {
+                if Instant::now() >= deadline {
+                    return Err(Error::Busy(
+                        "the distributed memory still has a transaction in flight".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if let Some(t) = &self.transport {
+            for peer in t.peers() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let nonce = u64::from(peer.0);
+                match t.request(peer, proto::Message::Ping { nonce }, left) {
+                    Ok(proto::Message::Pong { nonce: n }) if n == nonce => {}
+                    Ok(other) => {
+                        return Err(Error::Busy(format!(
+                            "host {} answered the flush with {}",
+                            peer.0,
+                            other.name()
+                        )))
+                    }
+                    Err(e) => return Err(Error::Busy(format!("flush to host {}: {e}", peer.0))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Part of a cluster snapshot, on a paused and quiesced host: has every local vCPU save
+    /// its state and writes this host's files into `partial` (the snapshot's directory being
+    /// written; see [`snap::Source::write_parts`]). Returns what it wrote, for the manifest.
+    pub fn save_parts(&self, partial: &Path) -> Result<snap::HostParts, Error> {
+        let h = self.lock();
+        if self.stop.stopped() {
+            return Err(Error::Stopping);
+        }
+        if !h.paused {
+            return Err(Error::NotPaused);
+        }
+        Self::broadcast(
+            &h,
+            VcpuEvent::Save,
+            VcpuResponse::Saved,
+            "save",
+            ACK_TIMEOUT,
+        )?;
+        let mut vcpus = Vec::new();
+        for v in &h.vcpus {
+            match v.shared.take_saved() {
+                Some(Ok(s)) => vcpus.push(s),
+                Some(Err(e)) => return Err(snap::Error::Vcpu(e).into()),
+                None => return Err(snap::Error::NoVcpuState(v.index).into()),
+            }
+        }
+        Ok(self.snap.write_parts(partial, vcpus)?)
     }
 
     /// The VM's state and each local vCPU's.
@@ -418,14 +503,40 @@ impl Vm {
         Self::start_with(&r.vm_config(), None, Some(r))
     }
 
+    /// Builds host `spec.me`'s part of the VM of the snapshot `r` (loaded by [`snap::load`];
+    /// its pages are checked as they are read) and starts it: like [`Vm::start`] without
+    /// loading a kernel; the pages homed here are loaded before any other host is granted
+    /// one, the local vCPUs, local APICs and the devices homed here get their saved states,
+    /// and the guest's clocks go on from the snapshot on the restore's timeline. `cfg` is the
+    /// snapshot's machine (see [`snap::Restore::cluster_file`]).
+    pub fn restore_cluster(
+        cfg: &VmConfig,
+        cluster: (ClusterSpec, TcpListener),
+        r: &snap::Restore,
+    ) -> Result<Vm, Error> {
+        let mismatch = |what: &str| {
+            Err(Error::Cluster(format!(
+                "the cluster file's {what} is not the snapshot's ({})",
+                r.dir.display()
+            )))
+        };
+        if cfg.cpus != r.guest.cpus {
+            return mismatch("vCPU count");
+        }
+        if cfg.memory != r.guest.memory {
+            return mismatch("memory size");
+        }
+        if cfg.disks.len() != r.guest.disks.len() {
+            return mismatch("disk count");
+        }
+        Self::start_with(cfg, Some(cluster), Some(r))
+    }
+
     fn start_with(
         cfg: &VmConfig,
         cluster: Option<(ClusterSpec, TcpListener)>,
         restore: Option<&snap::Restore>,
     ) -> Result<Vm, Error> {
-        if restore.is_some() && cluster.is_some() {
-            return Err(snap::Error::Cluster.into());
-        }
         let me = cluster.as_ref().map(|(s, _)| s.me).unwrap_or(0);
         // Where everything lives: the cluster's placement (the same on every host), or all here.
         let placement = match &cluster {
@@ -441,18 +552,23 @@ impl Vm {
             // A restored guest needs no kernel: only the machine and its disk copies.
             None if restore.is_some() => cfg.validate_machine()?,
             None => cfg.validate()?,
-            Some((spec, _)) => {
+            // A restored host needs no kernel either; its disks are the placement's to check.
+            Some(_) if restore.is_some() => cfg.validate_machine()?,
+            Some(_) => {}
+        }
+        if let Some((spec, _)) = &cluster {
+            if restore.is_none() {
                 cfg.validate_host(me, spec.hosts.len(), usize::from(placement.boot_host))?;
-                placement
-                    .validate(usize::from(cfg.cpus), cfg.disks.len(), cfg.memory)
-                    .map_err(|e| Error::Cluster(e.to_string()))?;
-                if usize::from(placement.hosts) != spec.hosts.len() {
-                    return Err(Error::Cluster(format!(
-                        "the placement has {} hosts, the cluster {}",
-                        placement.hosts,
-                        spec.hosts.len()
-                    )));
-                }
+            }
+            placement
+                .validate(usize::from(cfg.cpus), cfg.disks.len(), cfg.memory)
+                .map_err(|e| Error::Cluster(e.to_string()))?;
+            if usize::from(placement.hosts) != spec.hosts.len() {
+                return Err(Error::Cluster(format!(
+                    "the placement has {} hosts, the cluster {}",
+                    placement.hosts,
+                    spec.hosts.len()
+                )));
             }
         }
         let started = Instant::now();
@@ -462,9 +578,14 @@ impl Vm {
             None => None,
         };
         let (kvm, vm) = build::create_vm()?;
+        // A restored cluster's guest time goes on from the snapshot on the cluster's timeline:
+        // saved kvmclock and TSC plus the time since the restore's epoch (0 for one host).
+        let since_epoch_ns = net
+            .as_ref()
+            .map_or(0, |n| timesync::now_ns().saturating_sub(n.spec.epoch_ns));
         if let Some(r) = restore {
             vm.set_clock(&kvm_bindings::kvm_clock_data {
-                clock: r.clock.clock,
+                clock: r.clock.clock.saturating_add(since_epoch_ns),
                 ..Default::default()
             })
             .map_err(|e| snap::Error::Kvm("SET_CLOCK", e))?;
@@ -485,17 +606,43 @@ impl Vm {
         // thread has been joined (or leaked when one cannot be); on an error return below no
         // vCPU thread has been started yet.
         let kvm_slots = unsafe { memory::register(&vm, &ram) }?;
-        if let Some(n) = &net {
+        if let (Some(n), None) = (&net, restore) {
             timesync::set_clock(&vm, n.spec.epoch_ns);
         }
 
         // The boot host (host 0 by default) loads the guest and runs vCPU 0; the other hosts'
         // vCPUs wait for INIT/SIPI and see it through the DSM.
+        // The stopper, once it exists (a lazy restore's page errors stop the VM).
+        let stop_slot: Arc<std::sync::OnceLock<Arc<Stopper>>> = Arc::default();
+        let mut streamer = None;
         let kernel_entry = if let Some(r) = restore {
-            let pages = r.fill_memory(&mem)?;
+            let t = Instant::now();
+            let pages = match &dsm {
+                // Lazy: pages come from the snapshot on first touch, the rest streams behind.
+                Some(d) if r.lazy => {
+                    let (s1, s2) = (stop_slot.clone(), stop_slot.clone());
+                    let on_error = Arc::new(move |e: String| {
+                        log::error!("lazy restore: {e}");
+                        if let Some(s) = s1.get() {
+                            s.request(StopReason::Error(format!("lazy restore: {e}")));
+                        }
+                    });
+                    let stopped = Arc::new(move || s2.get().is_some_and(|s| s.stopped()));
+                    streamer = Some(r.lazy_home(d, on_error, stopped)?);
+                    0
+                }
+                // This host's home pages; the other hosts' requests for them wait until now.
+                Some(d) => {
+                    let pages = r.fill_home(d)?;
+                    d.finish_loading();
+                    pages
+                }
+                None => r.fill_memory(&mem)?,
+            };
             log::info!(
-                "restored {pages} data pages of guest RAM from {}",
-                r.dir.display()
+                "restored {pages} data pages of guest RAM from {} in {:.2} s",
+                r.dir.display(),
+                t.elapsed().as_secs_f64()
             );
             None
         } else if me == usize::from(placement.boot_host) {
@@ -509,15 +656,19 @@ impl Vm {
         let ioapic_local = me == usize::from(placement.ioapic_home);
         let chip = Arc::new(IrqChip::with_local(cfg.cpus, local, ioapic_local));
         let stop = Arc::new(Stopper::new(chip.local_lapics()));
+        let _ = stop_slot.set(stop.clone());
         let stats = Arc::new(Stats::default());
         let fixups = Arc::new(FixupStats::default());
         let serial_line = IrqLine::new(chip.clone(), SERIAL_IRQ);
+        let console_local = me == usize::from(placement.console_home);
         let console = match restore {
-            None => serial::Console::new(serial_line),
-            Some(r) => <serial::Console as snapshot::Persist>::restore(serial_line, &r.serial)
-                .map_err(|e| restore_err("the serial port")(Box::new(e)))?,
+            Some(r) if console_local => {
+                <serial::Console as snapshot::Persist>::restore(serial_line, &r.serial)
+                    .map_err(|e| restore_err("the serial port")(Box::new(e)))?
+            }
+            _ => serial::Console::new(serial_line),
         };
-        if let Some(r) = restore {
+        if let (Some(r), true) = (restore, ioapic_local) {
             *chip.ioapic() = <irqchip::Ioapic as snapshot::Persist>::restore((), &r.ioapic)
                 .map_err(|e| restore_err("the IOAPIC")(Box::new(e)))?;
         }
@@ -536,7 +687,7 @@ impl Vm {
             });
         }
         let mut devices = Devices::new(console, virtio, chip.clone(), stop.clone());
-        if let Some(r) = restore {
+        if let (Some(r), true) = (restore, console_local) {
             let legacy = <crate::devices::legacy::Legacy as snapshot::Persist>::restore(
                 stop.clone(),
                 &r.legacy,
@@ -642,7 +793,16 @@ impl Vm {
             if let (Some(r), Some(limits)) = (restore, &limits) {
                 let ix = usize::from(i);
                 let (saved, lstate) = (&r.vcpus[ix], &r.lapics[ix]);
-                vcpu::state::restore(&fd, &saved.kvm, limits)
+                // Every vCPU starts from one guest TSC (see `Restore::tsc_base`), moved on by
+                // the time since the restore's epoch.
+                let mut kvm_state = saved.kvm.clone();
+                let tsc = r.tsc_base().saturating_add(
+                    (u128::from(since_epoch_ns) * u128::from(saved.tsc_khz) / 1_000_000) as u64,
+                );
+                for m in kvm_state.msrs.iter_mut().filter(|m| m.index == 0x10) {
+                    m.value = tsc;
+                }
+                vcpu::state::restore(&fd, &kvm_state, limits)
                     .map_err(|e| restore_err(format!("vCPU {i}"))(Box::new(e)))?;
                 if saved.tsc_khz != tsc_khz {
                     log::warn!(
@@ -683,7 +843,7 @@ impl Vm {
         }
         vcpu::install_kick_handler().map_err(Error::Thread)?;
 
-        let mut timers = Vec::new();
+        let mut timers: Vec<JoinHandle<()>> = streamer.into_iter().collect();
         for l in &chip.local_lapics() {
             let (l, s) = (l.clone(), stop.clone());
             timers.push(
@@ -707,6 +867,13 @@ impl Vm {
                 }
             }
         }
+        if let Some(r) = restore {
+            log::info!(
+                "restore: guest running {:.0} ms after this host began building it ({})",
+                started.elapsed().as_secs_f64() * 1000.0,
+                if r.lazy { "lazy" } else { "eager" }
+            );
+        }
         // The console home (host 0 by default) feeds stdin to the serial port.
         if me == usize::from(placement.console_home) {
             let d = devices.clone();
@@ -721,17 +888,17 @@ impl Vm {
                 paused: false,
             }),
             stop: stop.clone(),
-            snap: match &net {
-                None => Some(snap::Source {
-                    chip: chip.clone(),
-                    devices: devices.clone(),
-                    mem: mem.clone(),
-                    vm: vm.clone(),
-                    cfg: cfg.clone(),
-                    placement: placement.clone(),
-                }),
-                Some(_) => None,
+            snap: snap::Source {
+                chip: chip.clone(),
+                devices: devices.clone(),
+                mem: mem.clone(),
+                vm: vm.clone(),
+                cfg: cfg.clone(),
+                placement: placement.clone(),
+                me,
+                dsm: dsm.as_ref().map(|d| d.handle()),
             },
+            transport: net.as_ref().map(|n| n.transport.clone()),
         });
         Ok(Vm {
             controller,

@@ -1,0 +1,237 @@
+//! Snapshot of a VM spread over two hosts, restored onto one, two and three hosts.
+//!
+//! One 2-host boot (3 vCPUs: 2 on host 0, 1 on host 1) of the lean kernel runs a shell loop
+//! that keeps state in guest memory and on its disk and checks it as it goes: a 1 MiB random
+//! file in /tmp (tmpfs: guest RAM) whose checksum is verified at every step, the count in a
+//! /tmp file and at the start of the virtio disk, and the guest's uptime. At count
+//! [`SNAP_AT`] `ssi-vmm snapshot NAME DIR --stop` snapshots the cluster (every host writes the
+//! pages it holds) and stops it. The snapshot (copied, since a restore runs on its disk copy)
+//! is then restored with `ssi-vmm restore --local N` for N = 1 (one process, as `run`), 2 and
+//! 3: each time the guest must carry on from the next count to the last with every check
+//! passing, exit 0 and power off cleanly, its uptime must go on without a jump (no more than
+//! the seconds the restore took), and its disk copy must end with the last count.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ssi_tests::{assert_clean_cluster, initramfs, lean_kernel, run_vmm_with, vmm_bin};
+
+const DEADLINE: Duration = Duration::from_secs(1200);
+
+/// Counts the guest loop runs to.
+const COUNT: u32 = 8;
+/// The count at which the cluster is snapshotted and stopped.
+const SNAP_AT: u32 = 3;
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ssi-csnap-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+/// Runs ssi-vmm and returns (exit code, stdout, stderr); never a panic of ssi-vmm.
+fn cli(args: &[&str], state: &Path) -> (i32, String, String) {
+    let out = Command::new(vmm_bin())
+        .args(args)
+        .env("SSI_VMM_STATE_DIR", state)
+        .output()
+        .expect("run ssi-vmm");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "ssi-vmm panicked: {err}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        err,
+    )
+}
+
+/// The `SSI-COUNT=<n> <uptime>` lines of a console: (count, uptime in seconds).
+fn counts(console: &str) -> Vec<(u32, f64)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("SSI-COUNT=")?;
+            let mut it = rest.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn first_line(p: &Path) -> String {
+    let bytes = std::fs::read(p).unwrap_or_default();
+    String::from_utf8_lossy(&bytes[..bytes.len().min(16)])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_two_host_snapshot_restores_onto_one_two_and_three_hosts() {
+    let dir = tmp_dir("guest");
+    let state = dir.join("state");
+    let snap = dir.join("snap");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("disk image");
+    let kernel = lean_kernel();
+    let initrd = initramfs();
+    // dd if=/dev/urandom of=/tmp/m bs=64k count=16; md5sum /tmp/m >/tmp/m.sum; i=0;
+    // while [ $i -lt COUNT ]; do i=$((i+1)); md5sum -c -s /tmp/m.sum || exit 5;
+    //  echo $i >/tmp/c; read v </tmp/c; [ $v = $i ] || exit 3; echo $i >/dev/vda;
+    //  read d </dev/vda; [ $d = $i ] || exit 4; read u r </proc/uptime;
+    //  echo SSI-COUNT=$i $u; sleep 0.5; done
+    let cmd = format!(
+        "ssi.cmd=dd+if=/dev/urandom+of=/tmp/m+bs=64k+count=16+2>/dev/null;\
+         md5sum+/tmp/m+>/tmp/m.sum;i=0;while+[+$i+-lt+{COUNT}+];do+i=$((i%2B1));\
+         md5sum+-c+-s+/tmp/m.sum||exit+5;echo+$i+>/tmp/c;read+v+</tmp/c;[+$v+=+$i+]||exit+3;\
+         echo+$i+>/dev/vda;read+d+</dev/vda;[+$d+=+$i+]||exit+4;read+u+r+</proc/uptime;\
+         echo+SSI-COUNT=$i+$u;sleep+0.5;done"
+    );
+    let name = "csnap";
+    let at = format!("SSI-COUNT={SNAP_AT} ");
+    let mut took: Option<(i32, String)> = None;
+    let first = run_vmm_with(
+        &[
+            "up",
+            "--local",
+            "2",
+            "--cpus",
+            "3",
+            "--name",
+            name,
+            "--kernel",
+            kernel.to_str().unwrap_or_default(),
+            "--initrd",
+            initrd.to_str().unwrap_or_default(),
+            "--memory",
+            "256M",
+            "--append",
+            &cmd,
+            "--disk",
+            disk.to_str().unwrap_or_default(),
+        ],
+        &[("SSI_VMM_STATE_DIR", state.as_path())],
+        &[&at],
+        DEADLINE,
+        &mut |_, _| {
+            took = Some({
+                let (code, _, err) = cli(
+                    &[
+                        "snapshot",
+                        name,
+                        snap.to_str().unwrap_or_default(),
+                        "--stop",
+                    ],
+                    &state,
+                );
+                (code, err)
+            });
+        },
+    );
+    let (code, err) = took.expect("the guest reached the snapshot point");
+    eprintln!("snapshot: exit {code}: {err}");
+    assert_eq!(code, 0, "ssi-vmm snapshot failed: {err}");
+    assert!(err.contains("2 hosts"), "{err}");
+    first.assert_clean_exit();
+    for h in 0..2 {
+        let want = format!("host {h}: exit 0: Snapshotted");
+        assert!(
+            first.stderr.contains(&want),
+            "host {h} stopped because of the snapshot:\n{}",
+            first.stderr
+        );
+    }
+    assert!(
+        !first.console.contains("SSI-VMM-CMD-EXIT"),
+        "the first VM must not finish the command:\n{}",
+        first.console
+    );
+    let before = counts(&first.console);
+    let (last, last_up) = *before.last().expect("counts before the snapshot");
+    assert!((SNAP_AT..COUNT).contains(&last), "{before:?}");
+    let numbers: Vec<u32> = before.iter().map(|c| c.0).collect();
+    assert_eq!(numbers, (1..=last).collect::<Vec<_>>());
+
+    let (code, out, err) = cli(
+        &["snapshot", "inspect", snap.to_str().unwrap_or_default()],
+        &state,
+    );
+    assert_eq!(code, 0, "inspect failed: {err}");
+    eprintln!("--- snapshot inspect ---\n{out}");
+    for f in ["memory-h0", "memory-h1", "state-h1-vcpus", "disk-0.img"] {
+        assert!(out.contains(f), "{f} in:\n{out}");
+    }
+
+    for hosts in [1usize, 2, 3] {
+        let copy = dir.join(format!("snap-{hosts}"));
+        let st = Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(&snap)
+            .arg(&copy)
+            .status()
+            .expect("cp");
+        assert!(st.success(), "copying the snapshot");
+        let rname = format!("csnap-r{hosts}");
+        let n = hosts.to_string();
+        let second = run_vmm_with(
+            &[
+                "restore",
+                copy.to_str().unwrap_or_default(),
+                "--local",
+                &n,
+                "--name",
+                &rname,
+            ],
+            &[("SSI_VMM_STATE_DIR", state.as_path())],
+            &["SSI-VMM-CMD-EXIT"],
+            DEADLINE,
+            &mut |_, _| {},
+        );
+        eprintln!(
+            "restored onto {hosts} host(s): ran {:?}; stderr:\n{}",
+            second.elapsed, second.stderr
+        );
+        if hosts == 1 {
+            second.assert_clean_exit();
+        } else {
+            assert_clean_cluster(&second, &state, &rname, hosts);
+        }
+        let after = counts(&second.console);
+        let numbers: Vec<u32> = after.iter().map(|c| c.0).collect();
+        assert_eq!(
+            numbers,
+            (last + 1..=COUNT).collect::<Vec<_>>(),
+            "restored onto {hosts} host(s), the guest continues from the next count:\n{}",
+            second.console
+        );
+        assert_eq!(
+            ssi_tests::line_value(&second.console, "SSI-VMM-CMD-EXIT").as_deref(),
+            Some("0"),
+            "every memory, file and disk check passed:\n{}",
+            second.console
+        );
+        // Guest time goes on from the snapshot: no jump back, and forward no more than the
+        // time the restore took (its whole run bounds it).
+        let up = after[0].1;
+        let bound = second.elapsed.as_secs_f64() + 5.0;
+        assert!(
+            up >= last_up && up - last_up <= bound,
+            "uptime {last_up} at the snapshot, {up} after restoring onto {hosts} host(s)"
+        );
+        assert!(
+            after.windows(2).all(|w| w[1].1 >= w[0].1),
+            "uptime goes forward: {after:?}"
+        );
+        assert_eq!(
+            first_line(&copy.join("disk-0.img")),
+            COUNT.to_string(),
+            "the restored guest's disk (the snapshot copy's)"
+        );
+    }
+    assert_eq!(first_line(&disk), last.to_string(), "the original disk");
+    let _ = std::fs::remove_dir_all(&dir);
+}
