@@ -7,8 +7,10 @@
 //! [`SNAP_AT`] `ssi-vmm snapshot NAME DIR --stop` snapshots the cluster (every host writes the
 //! pages it holds) and stops it. The snapshot (copied, since a restore runs on its disk copy)
 //! is then restored with `ssi-vmm restore --local N` for N = 1 (one process, as `run`), 2 and
-//! 3: each time the guest must carry on from the next count to the last with every check
-//! passing, exit 0 and power off cleanly, its uptime must go on without a jump (no more than
+//! 3, and lazily (`--lazy`: the vCPUs start before guest RAM is loaded) onto 1 and 3: each time the guest must carry on from the next count to the last with every check
+//! passing, exit 0 and power off cleanly (the 3-host restore also takes checkpoints every 2 s
+//! and loses host 2 to kill -9 once one is complete: it must come back by itself from the
+//! checkpoint on the 2 remaining hosts and finish the same way), its uptime must go on without a jump (no more than
 //! the seconds the restore took), and its disk copy must end with the last count.
 
 use std::path::{Path, PathBuf};
@@ -166,8 +168,11 @@ fn a_two_host_snapshot_restores_onto_one_two_and_three_hosts() {
         assert!(out.contains(f), "{f} in:\n{out}");
     }
 
-    for hosts in [1usize, 2, 3] {
-        let copy = dir.join(format!("snap-{hosts}"));
+    // Eager (every page loaded before the vCPUs start) and lazy (pages from the snapshot on
+    // first touch, the rest streamed in behind) restores must give the same guest results.
+    for (hosts, lazy) in [(1usize, false), (1, true), (2, false), (3, true)] {
+        let how = if lazy { "lazy" } else { "eager" };
+        let copy = dir.join(format!("snap-{hosts}-{how}"));
         let st = Command::new("cp")
             .args(["-a", "--reflink=auto"])
             .arg(&snap)
@@ -175,37 +180,115 @@ fn a_two_host_snapshot_restores_onto_one_two_and_three_hosts() {
             .status()
             .expect("cp");
         assert!(st.success(), "copying the snapshot");
-        let rname = format!("csnap-r{hosts}");
+        let rname = format!("csnap-r{hosts}-{how}");
         let n = hosts.to_string();
+        let mut args = vec![
+            "restore",
+            copy.to_str().unwrap_or_default(),
+            "--local",
+            &n,
+            "--name",
+            &rname,
+        ];
+        if lazy {
+            args.push("--lazy");
+        }
+        // The 3-host restore takes checkpoints, and loses host 2 (kill -9) once one is
+        // complete: the VM must come back by itself on the 2 remaining hosts.
+        let ckpt = dir.join("checkpoints");
+        let ckpt_arg = ckpt.to_str().unwrap_or_default().to_string();
+        let chaos = hosts == 3;
+        if chaos {
+            args.extend(["--checkpoint-every", "2s", "--checkpoint-dir", &ckpt_arg]);
+        }
+        let kill_at = format!("SSI-COUNT={} ", last + 1);
+        let pids_file = state.join(&rname).join("pids");
+        let mut killed = None;
         let second = run_vmm_with(
-            &[
-                "restore",
-                copy.to_str().unwrap_or_default(),
-                "--local",
-                &n,
-                "--name",
-                &rname,
-            ],
+            &args,
             &[("SSI_VMM_STATE_DIR", state.as_path())],
-            &["SSI-VMM-CMD-EXIT"],
+            &["SSI-VMM-CMD-EXIT", &kill_at],
             DEADLINE,
-            &mut |_, _| {},
+            &mut |m, _| {
+                if !chaos || m != kill_at {
+                    return;
+                }
+                let t = std::time::Instant::now();
+                let complete = || {
+                    std::fs::read_dir(&ckpt)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|e| {
+                            let n = e.file_name().to_string_lossy().into_owned();
+                            n.starts_with("ckpt-") && !n.contains(".tmp-")
+                        })
+                };
+                while !complete() && t.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let pid = std::fs::read_to_string(&pids_file)
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("2 ").map(|p| p.trim().to_string()));
+                if let Some(pid) = pid {
+                    let ok = Command::new("kill")
+                        .args(["-9", &pid])
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    killed = Some((ok, complete()));
+                }
+            },
         );
         eprintln!(
-            "restored onto {hosts} host(s): ran {:?}; stderr:\n{}",
+            "restored onto {hosts} host(s), {how}: ran {:?}; stderr:\n{}",
             second.elapsed, second.stderr
         );
-        if hosts == 1 {
+        // One eager host runs in the restoring process (as `run`); the others are clusters.
+        if chaos {
+            assert_eq!(
+                killed,
+                Some((true, true)),
+                "host 2 killed after a checkpoint"
+            );
+            second.assert_clean_exit();
+            let restart = second
+                .stderr
+                .find(&format!("restarting {rname} from checkpoint"))
+                .unwrap_or_else(|| panic!("no restart:\n{}", second.stderr));
+            let tail = &second.stderr[restart..];
+            for h in 0..2 {
+                assert!(
+                    tail.contains(&format!("host {h}: exit 0: PowerOff")),
+                    "host {h} of the restarted VM:\n{}",
+                    second.stderr
+                );
+            }
+        } else if hosts == 1 && !lazy {
             second.assert_clean_exit();
         } else {
             assert_clean_cluster(&second, &state, &rname, hosts);
         }
-        let after = counts(&second.console);
+        let mut after = counts(&second.console);
+        if chaos {
+            // The restart goes back to the checkpoint: counts after it may repeat. Keep the
+            // run that reaches the end.
+            if let Some(back) = after.windows(2).rposition(|w| w[1].0 <= w[0].0) {
+                let restarted_at = after[back + 1].0;
+                assert!(restarted_at > last, "{after:?}");
+                let before_restart: Vec<(u32, f64)> = after[..=back].to_vec();
+                after = before_restart
+                    .into_iter()
+                    .filter(|c| c.0 < restarted_at)
+                    .chain(after[back + 1..].iter().copied())
+                    .collect();
+            }
+        }
         let numbers: Vec<u32> = after.iter().map(|c| c.0).collect();
         assert_eq!(
             numbers,
             (last + 1..=COUNT).collect::<Vec<_>>(),
-            "restored onto {hosts} host(s), the guest continues from the next count:\n{}",
+            "restored onto {hosts} host(s), {how}, the guest continues from the next count:\n{}",
             second.console
         );
         assert_eq!(
@@ -220,16 +303,34 @@ fn a_two_host_snapshot_restores_onto_one_two_and_three_hosts() {
         let bound = second.elapsed.as_secs_f64() + 5.0;
         assert!(
             up >= last_up && up - last_up <= bound,
-            "uptime {last_up} at the snapshot, {up} after restoring onto {hosts} host(s)"
+            "uptime {last_up} at the snapshot, {up} after restoring onto {hosts} host(s), {how}"
         );
         assert!(
             after.windows(2).all(|w| w[1].1 >= w[0].1),
             "uptime goes forward: {after:?}"
         );
+        // The guest ends on the disk it was restored on: the snapshot copy's, or after the
+        // restart the checkpoint's.
+        let used = if chaos {
+            let line = second
+                .stderr
+                .lines()
+                .find(|l| l.contains("from checkpoint "))
+                .unwrap_or_default();
+            let p = line
+                .split("from checkpoint ")
+                .nth(1)
+                .and_then(|t| t.split(" on the ").next())
+                .unwrap_or_default();
+            PathBuf::from(p)
+        } else {
+            copy.clone()
+        };
         assert_eq!(
-            first_line(&copy.join("disk-0.img")),
+            first_line(&used.join("disk-0.img")),
             COUNT.to_string(),
-            "the restored guest's disk (the snapshot copy's)"
+            "the restored guest's disk ({})",
+            used.display()
         );
     }
     assert_eq!(first_line(&disk), last.to_string(), "the original disk");

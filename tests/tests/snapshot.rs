@@ -6,7 +6,9 @@
 //! mid-loop and stops the VM, restores the snapshot in a new VMM process and checks that the
 //! guest carries on from the next count, finishes its command with exit status 0 and powers
 //! off; and that the disk image kept the count of the snapshot while the snapshot's disk copy
-//! (which the restored guest runs on) ends with the last count.
+//! (which the restored guest runs on) ends with the last count. The guest has 2 vCPUs: the
+//! snapshot taken earlier, after which the VM went on, is restored onto 2 hosts (one vCPU
+//! each) and must carry on to the last count too.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +20,7 @@ use ssi_tests::{initramfs, lean_kernel, run_vmm_with, vmm_bin};
 const DEADLINE: Duration = Duration::from_secs(900);
 
 /// Counts the guest loop runs to.
-const COUNT: u32 = 24;
+const COUNT: u32 = 12;
 /// The count at which the VM is snapshotted and goes on.
 const SNAP_GO_ON_AT: u32 = 3;
 /// The count at which the VM is snapshotted and stopped.
@@ -45,6 +47,15 @@ fn cli(args: &[&str], state: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         err,
     )
+}
+
+fn first_line(p: &Path) -> String {
+    let bytes = std::fs::read(p).unwrap_or_default();
+    String::from_utf8_lossy(&bytes[..bytes.len().min(16)])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The `SSI-COUNT=` values on a console, in order.
@@ -90,6 +101,8 @@ fn snapshot_stop_and_restore_continues_the_guest() {
             initrd.to_str().unwrap_or_default(),
             "--memory",
             "256M",
+            "--cpus",
+            "2",
             "--append",
             &cmd,
             "--disk",
@@ -200,20 +213,48 @@ fn snapshot_stop_and_restore_continues_the_guest() {
         second.stderr
     );
     // The original disk stayed as the first VM left it; the restored guest wrote the copy.
-    let first_line = |p: &Path| {
-        let bytes = std::fs::read(p).unwrap_or_default();
-        String::from_utf8_lossy(&bytes[..bytes.len().min(16)])
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    };
     assert_eq!(first_line(&disk), last.to_string(), "the original disk");
     assert_eq!(
         first_line(&snap.join("disk-0.img")),
         COUNT.to_string(),
         "the snapshot's disk copy, used by the restored guest"
     );
+
+    // The snapshot the `run` VM went on after is restored onto two hosts (one vCPU each): the
+    // guest carries on from the count after the snapshot to the end.
+    let third = run_vmm_with(
+        &[
+            "restore",
+            early.to_str().unwrap_or_default(),
+            "--local",
+            "2",
+            "--name",
+            "snap-guest-on-2",
+        ],
+        &[("SSI_VMM_STATE_DIR", state.as_path())],
+        &["SSI-VMM-CMD-EXIT"],
+        DEADLINE,
+        &mut |_, _| {},
+    );
+    eprintln!(
+        "run snapshot restored onto 2 hosts ran {:?}; stderr:\n{}",
+        third.elapsed, third.stderr
+    );
+    ssi_tests::assert_clean_cluster(&third, &state, "snap-guest-on-2", 2);
+    let on2 = counts(&third.console);
+    let from = *on2.first().expect("counts on 2 hosts");
+    assert!(
+        (SNAP_GO_ON_AT + 1..=SNAP_GO_ON_AT + 2).contains(&from),
+        "{on2:?}"
+    );
+    assert_eq!(on2, (from..=COUNT).collect::<Vec<_>>(), "{}", third.console);
+    assert_eq!(
+        ssi_tests::line_value(&third.console, "SSI-VMM-CMD-EXIT").as_deref(),
+        Some("0"),
+        "{}",
+        third.console
+    );
+    assert_eq!(first_line(&early.join("disk-0.img")), COUNT.to_string());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

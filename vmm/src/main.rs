@@ -80,6 +80,12 @@ struct RestoreArgs {
     /// touched, the rest streams in behind (runs as a cluster, also on one host).
     #[arg(long)]
     lazy: bool,
+    /// Take a checkpoint this often once restored (see `up --checkpoint-every`; --local).
+    #[arg(long, requires = "checkpoint_dir", conflicts_with = "config")]
+    checkpoint_every: Option<String>,
+    /// Where checkpoints go.
+    #[arg(long, requires = "checkpoint_every")]
+    checkpoint_dir: Option<PathBuf>,
     /// Write exit statistics as JSON to this file when the VM stops.
     #[arg(long)]
     stats_json: Option<PathBuf>,
@@ -224,6 +230,14 @@ struct UpArgs {
     /// DSM home interleave in pages (with --local).
     #[arg(long, default_value_t = 512)]
     home_chunk_pages: u64,
+    /// Take a checkpoint (a cluster snapshot) this often, e.g. 60s (with --local and
+    /// --checkpoint-dir); when a host dies the VM restarts from the last complete one on the
+    /// remaining hosts.
+    #[arg(long, requires = "checkpoint_dir", requires = "local")]
+    checkpoint_every: Option<String>,
+    /// Where checkpoints go (the last two complete ones are kept).
+    #[arg(long, requires = "checkpoint_every")]
+    checkpoint_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -249,6 +263,9 @@ fn status_main(a: StatusArgs) -> Result<(), String> {
         let now = vmm::cluster::timesync::now_ns() / 1_000_000_000;
         for e in &all {
             print!("{}", status::render(&e.status, e.liveness, now));
+            if let Some(c) = &e.checkpoint {
+                print!("{}", status::render_checkpoint(c, now));
+            }
         }
     }
     if a.prune {
@@ -358,7 +375,9 @@ fn up_outcomes(
                 .map_err(|e| e.to_string())?;
             let cfg = f.vm_config().map_err(|e| e.to_string())?;
             cfg.validate().map_err(|e| e.to_string())?;
-            launch::up_local(file, &cpus, None, ctl).map_err(|e| e.to_string())?
+            let plan = checkpoint_plan(a.checkpoint_every.as_deref(), a.checkpoint_dir)?;
+            vmm::cluster::checkpoint::run_local(file, &cpus, None, plan, ctl)
+                .map_err(|e| e.to_string())?
         }
         _ => return Err("give either --config FILE or --local N".into()),
     })
@@ -511,8 +530,9 @@ fn main() -> ExitCode {
                 eprintln!("ssi-vmm: error: {e}");
                 return ExitCode::from(1);
             }
-            // Everything is read and verified before anything is started.
-            let r = match vmm::vm::snap::load(&a.dir, true) {
+            // Everything is read and checked before anything is started; every data page too,
+            // except for a lazy restore (which checks each page when it is first read).
+            let r = match vmm::vm::snap::load(&a.dir, !a.lazy) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("ssi-vmm: error: cannot restore {}: {e}", a.dir.display());
@@ -536,7 +556,7 @@ fn main() -> ExitCode {
                 }
             );
             let hosts = a.local.unwrap_or(usize::from(r.placement.hosts));
-            if a.config.is_some() || hosts != 1 || a.lazy {
+            if a.config.is_some() || hosts != 1 || a.lazy || a.checkpoint_every.is_some() {
                 let name = a.name.clone();
                 return match restore_cluster(a, r, hosts, name) {
                     Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -569,6 +589,21 @@ fn main() -> ExitCode {
             };
             serve_vm(&name, named, &cfg, || vmm::vm::Vm::start(&cfg, None))
         }
+    }
+}
+
+/// The checkpoint plan of `--checkpoint-every` / `--checkpoint-dir`.
+fn checkpoint_plan(
+    every: Option<&str>,
+    dir: Option<PathBuf>,
+) -> Result<Option<vmm::cluster::checkpoint::Plan>, String> {
+    match (every, dir) {
+        (Some(e), Some(d)) => Ok(Some(vmm::cluster::checkpoint::Plan {
+            every: vmm::cluster::checkpoint::parse_every(e)?,
+            dir: std::path::absolute(&d)
+                .map_err(|e| format!("checkpoint directory {}: {e}", d.display()))?,
+        })),
+        _ => Ok(None),
     }
 }
 
@@ -635,7 +670,9 @@ fn restore_cluster(
             );
             drop(r);
             let restore = launch::Restore { dir, lazy: a.lazy };
-            launch::up_local(file, &cpus, Some(restore), &ctl).map_err(|e| e.to_string())?
+            let plan = checkpoint_plan(a.checkpoint_every.as_deref(), a.checkpoint_dir)?;
+            vmm::cluster::checkpoint::run_local(file, &cpus, Some(restore), plan, &ctl)
+                .map_err(|e| e.to_string())?
         }
     };
     if let Some(sig) = ctl.signal() {

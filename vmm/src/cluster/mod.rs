@@ -13,6 +13,7 @@
 //! next `n1`, ...); vCPU 0, the IOAPIC, the console, the legacy devices and the status live on
 //! host 0, each disk on its configured host, and guest RAM is interleaved by chunk.
 
+pub mod checkpoint;
 pub mod fabric;
 pub mod launch;
 pub mod placement;

@@ -129,6 +129,38 @@ pub struct Entry {
     pub liveness: Liveness,
     /// Its last status file.
     pub status: ClusterStatus,
+    /// Its last complete checkpoint, if it takes checkpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// The last complete checkpoint of a cluster (`checkpoint.json` in its state directory).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// CLOCK_REALTIME seconds when it was committed.
+    pub at: u64,
+}
+
+/// Records `ckpt` as the last complete checkpoint of the cluster whose state is in `dir`.
+pub fn set_checkpoint(dir: &Path, ckpt: &Path) -> std::io::Result<()> {
+    let c = Checkpoint {
+        dir: ckpt.to_path_buf(),
+        at: super::timesync::now_ns() / 1_000_000_000,
+    };
+    let tmp = dir.join("checkpoint.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&c).unwrap_or_default())?;
+    std::fs::rename(&tmp, dir.join("checkpoint.json"))
+}
+
+/// The line `ssi-vmm status` prints for a checkpoint.
+pub fn render_checkpoint(c: &Checkpoint, now_s: u64) -> String {
+    format!(
+        "last checkpoint: {} ({} s ago)\n",
+        c.dir.display(),
+        now_s.saturating_sub(c.at)
+    )
 }
 
 /// The per-host reporting loop.
@@ -312,10 +344,14 @@ pub fn entries(root: &Path) -> Result<Vec<Entry>, Error> {
             detail: e.to_string(),
         })?;
         let liveness = Liveness::of(&status, alive(&dir));
+        let checkpoint = std::fs::read_to_string(dir.join("checkpoint.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
         out.push(Entry {
             dir,
             liveness,
             status,
+            checkpoint,
         });
     }
     if out.is_empty() {

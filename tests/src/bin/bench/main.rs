@@ -18,6 +18,14 @@
 //! reports the host time to `SSI-VMM-USERSPACE-UP`; then runs the CPU-parallel workload
 //! (`ssi.test=par`: the same user-mode loop on one CPU, then on all) on 2 hosts x 1 vCPU and on
 //! 1 host x 2 vCPUs, and reports the guest-measured times and the speedup.
+//!
+//! ```text
+//! cargo run --release -p ssi-tests --bin bench -- snapshot [--sizes 512,1024]
+//! ```
+//! Snapshot write rate next to `dd`'s, the guest's pause, and restore times (eager and lazy)
+//! of a `run` VM (see the `snapshot` module).
+
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -281,9 +289,18 @@ fn main() {
     let failed = match args.first().map(String::as_str) {
         Some("cluster") => cluster(runs_arg(&args), has("--only-par"), has("--only-boot")),
         Some("boot") => boot(&args),
+        Some("snapshot") => {
+            let sizes: Vec<u64> = args
+                .iter()
+                .position(|a| a == "--sizes")
+                .and_then(|i| args.get(i + 1))
+                .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+                .unwrap_or_else(|| vec![512, 1024]);
+            snapshot::run(&sizes)
+        }
         _ => {
             eprintln!(
-                "usage: bench boot [--stock | --only-stock | --smoke] [--runs N] | bench cluster [--runs N] [--only-par | --only-boot]"
+                "usage: bench boot [--stock | --only-stock | --smoke] [--runs N] | bench cluster [--runs N] [--only-par | --only-boot] | bench snapshot [--sizes 512,1024]"
             );
             std::process::exit(2);
         }
