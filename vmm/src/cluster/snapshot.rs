@@ -70,6 +70,28 @@ pub struct Taken {
     pub data_bytes: u64,
 }
 
+/// A spinner on stderr (drawn only on a terminal) with the step and, while the hosts save,
+/// the bytes written so far and the rate.
+fn spinner() -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {msg}") {
+        pb.set_style(style);
+    }
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+/// Bytes allocated by the files in `dir` (what the hosts have written so far).
+fn written(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
 fn step(ep: &Endpoint, name: &'static str, op: Op) -> Result<serde_json::Value, Error> {
     control::request(&ep.path, op).map_err(|source| Error::Host {
         host: ep.label.clone(),
@@ -87,12 +109,15 @@ pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Err
         was_paused &= st.get("state").and_then(|s| s.as_str()) == Some("paused");
     }
     let t0 = Instant::now();
+    let pb = spinner();
     let mut paused: Vec<&Endpoint> = Vec::new();
     let result = (|| {
+        pb.set_message(format!("pausing {} hosts", endpoints.len()));
         for ep in endpoints {
             step(ep, "pause", Op::Pause)?;
             paused.push(ep);
         }
+        pb.set_message("quiescing");
         for _ in 0..2 {
             for ep in endpoints {
                 step(ep, "quiesce", Op::Quiesce)?;
@@ -100,7 +125,23 @@ pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Err
         }
         let b = SnapshotBuilder::create(dir)?;
         let partial = b.partial_dir().to_path_buf();
+        let saving = std::sync::atomic::AtomicBool::new(true);
         let parts: Vec<Result<HostParts, Error>> = std::thread::scope(|s| {
+            let (pb, partial, saving) = (&pb, &partial, &saving);
+            s.spawn(move || {
+                let t = Instant::now();
+                while saving.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = written(partial);
+                    pb.set_message(format!(
+                        "saving: {} written, {}/s",
+                        indicatif::HumanBytes(n),
+                        indicatif::HumanBytes(
+                            (n as f64 / t.elapsed().as_secs_f64().max(0.01)) as u64
+                        )
+                    ));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
             let handles: Vec<_> = endpoints
                 .iter()
                 .map(|ep| {
@@ -116,7 +157,7 @@ pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Err
                     })
                 })
                 .collect();
-            handles
+            let all = handles
                 .into_iter()
                 .zip(endpoints)
                 .map(|(h, ep)| {
@@ -127,8 +168,11 @@ pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Err
                         })
                     })
                 })
-                .collect()
+                .collect();
+            saving.store(false, std::sync::atomic::Ordering::Relaxed);
+            all
         });
+        pb.set_message("committing");
         let parts: Vec<HostParts> = parts.into_iter().collect::<Result<_, _>>()?;
         let data_bytes = parts
             .iter()
@@ -139,6 +183,7 @@ pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Err
         let out = b.commit(&manifest)?;
         Ok((out, data_bytes))
     })();
+    pb.finish_and_clear();
     match result {
         Ok((out, data_bytes)) => {
             if stop {

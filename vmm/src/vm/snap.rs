@@ -615,15 +615,32 @@ impl Restore {
         }
     }
 
-    /// Fills guest RAM (fresh, zero) with every data page of the snapshot.
+    /// Fills guest RAM (fresh, zero) with every data page of the snapshot, with a progress
+    /// bar on stderr (drawn only on a terminal: bytes, rate, ETA).
     pub(super) fn fill_memory(&self, mem: &GuestMemoryMmap) -> Result<u64, Error> {
-        self.for_each_data_page(
+        let total: u64 = self
+            .snap
+            .layers()
+            .iter()
+            .flat_map(|l| l.manifest().memory_files.iter())
+            .map(|f| f.pages_data * PAGE_SIZE as u64)
+            .sum();
+        let pb = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "restoring guest RAM [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        let r = self.for_each_data_page(
             |_| true,
             |gpa, page| {
+                pb.inc(PAGE_SIZE as u64);
                 mem.write_slice(page, GuestAddress(gpa))
                     .map_err(|source| Error::Memory { gpa, source })
             },
-        )
+        );
+        pb.finish_and_clear();
+        r
     }
 
     /// Loads every data page homed on this host into the cluster memory `dsm` (a memory
