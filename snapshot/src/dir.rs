@@ -384,6 +384,16 @@ impl Snapshot {
         Ok(PageSource::NotInLayer)
     }
 
+    /// What the chain records for the page at `gpa`, without reading it (the topmost layer
+    /// that records it wins): `Some(None)` zero, `Some(Some(hash))` data with its XXH3-64,
+    /// `None` recorded nowhere (never touched: zero).
+    pub fn recorded(&self, gpa: u64) -> Option<Option<u64>> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.memory.iter())
+            .find_map(|f| f.recorded(gpa))
+    }
+
     /// Reads every data page of every layer and checks it. A restore that must not start a
     /// guest from a corrupt snapshot (eager restore reads everything anyway) calls this
     /// first; a lazy restore finds a corrupt page when the guest first touches it.
@@ -424,8 +434,25 @@ fn coalesce(sorted: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 /// placement and creation time, and no parent. Written like any snapshot (complete or not at
 /// all). Returns `out`.
 pub fn merge(snap: &Snapshot, out: &Path) -> Result<PathBuf> {
+    merge_with(snap, out, &[])
+}
+
+/// [`merge`], also copying the files `extra` (names in the top layer's directory that the
+/// manifest does not list, such as the VMM's disk images) into `out` before it is committed.
+pub fn merge_with(snap: &Snapshot, out: &Path, extra: &[&str]) -> Result<PathBuf> {
     let top = snap.top();
     let builder = SnapshotBuilder::create(out)?;
+    for name in extra {
+        if name.is_empty() || name.contains('/') || *name == "." || *name == ".." {
+            return Err(Error::invalid(out, format!("bad extra file name {name:?}")));
+        }
+        let from = top.dir.join(name);
+        let to = builder.partial_dir().join(name);
+        fs::copy(&from, &to).at(&from, "copy")?;
+        fs::File::open(&to)
+            .and_then(|f| f.sync_all())
+            .at(&to, "fsync")?;
+    }
     let mut manifest = top.manifest.clone();
     manifest.parent = None;
     manifest.memory_files.clear();

@@ -81,7 +81,7 @@ pub mod persist;
 pub mod state;
 
 pub use checksum::PAGE_SIZE;
-pub use dir::{merge, open, Layer, Snapshot, SnapshotBuilder};
+pub use dir::{merge, merge_with, open, Layer, Snapshot, SnapshotBuilder};
 pub use error::{Error, Result};
 pub use inspect::inspect;
 pub use manifest::{

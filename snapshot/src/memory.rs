@@ -342,6 +342,16 @@ impl MemoryFile {
         }
     }
 
+    /// What this file records for the page at `gpa` (page aligned), without reading it:
+    /// `Some(None)` a zero page, `Some(Some(hash))` a data page with its XXH3-64, `None` not
+    /// recorded here. An incremental snapshot compares a page's current hash with this.
+    pub fn recorded(&self, gpa: u64) -> Option<Option<u64>> {
+        match self.lookup(gpa & !(PAGE - 1))? {
+            (PageKind::Zero, _) => Some(None),
+            (PageKind::Data, h) => Some(self.hashes.get(h).copied()),
+        }
+    }
+
     /// Whether this file records the page at `gpa` (data or zero).
     pub fn holds(&self, gpa: u64) -> bool {
         self.lookup(gpa & !(PAGE - 1)).is_some()

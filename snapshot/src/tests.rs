@@ -313,6 +313,22 @@ fn incremental_chain_and_merge() {
     assert!(md.blocks() * 512 <= 256 * 1024);
     // The chain is untouched and still opens.
     open(&inc2).unwrap();
+
+    // What the chain records, without reading pages: the hash a writer compares with.
+    assert_eq!(
+        snap.recorded(P),
+        Some(Some(crate::checksum::page_hash(&page(31))))
+    );
+    assert_eq!(snap.recorded(3 * P), Some(None));
+    assert_eq!(snap.recorded(7 * P), None);
+
+    // A merge may take files the manifest does not list (the VMM's disks) along.
+    fs::write(inc2.join("disk-0.img"), b"disk").unwrap();
+    let with = merge_with(&snap, &t.0.join("merged-disk"), &["disk-0.img"]).unwrap();
+    assert_eq!(fs::read(with.join("disk-0.img")).unwrap(), b"disk");
+    assert!(merge_with(&snap, &t.0.join("merged-bad"), &["../x"]).is_err());
+    assert!(merge_with(&snap, &t.0.join("merged-missing"), &["nope.img"]).is_err());
+    assert!(!t.0.join("merged-missing").exists());
 }
 
 #[test]

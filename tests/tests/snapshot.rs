@@ -49,6 +49,19 @@ fn cli(args: &[&str], state: &Path) -> (i32, String, String) {
     )
 }
 
+/// Bytes of data pages in the top layer of the snapshot in `dir`.
+fn data_bytes(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["manifest"]["memory_files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["pages_data"].as_u64())
+        .sum::<u64>()
+        * 4096
+}
+
 fn first_line(p: &Path) -> String {
     let bytes = std::fs::read(p).unwrap_or_default();
     String::from_utf8_lossy(&bytes[..bytes.len().min(16)])
@@ -80,10 +93,12 @@ fn snapshot_stop_and_restore_continues_the_guest() {
     let initrd = initramfs();
     // `i=0; while [ $i -lt COUNT ]; do i=$((i+1)); echo $i >/tmp/c; read v </tmp/c;
     //  [ $v = $i ] || exit 3; echo $i >/dev/vda; read d </dev/vda; [ $d = $i ] || exit 4;
-    //  echo SSI-COUNT=$i; sleep 0.5; done` (the last close of /dev/vda writes it back).
+    //  dd if=/dev/urandom of=/tmp/r$((i%2)) bs=64k count=4; echo SSI-COUNT=$i; sleep 0.5;
+    //  done` (the last close of /dev/vda writes it back; the dd dirties 256 KiB per count).
     let cmd = format!(
         "ssi.cmd=i=0;while+[+$i+-lt+{COUNT}+];do+i=$((i%2B1));echo+$i+>/tmp/c;read+v+</tmp/c;\
          [+$v+=+$i+]||exit+3;echo+$i+>/dev/vda;read+d+</dev/vda;[+$d+=+$i+]||exit+4;\
+         dd+if=/dev/urandom+of=/tmp/r$((i%252))+bs=64k+count=4+2>/dev/null;\
          echo+SSI-COUNT=$i;sleep+0.5;done"
     );
     let name = "snap-guest";
@@ -126,12 +141,15 @@ fn snapshot_stop_and_restore_continues_the_guest() {
                 }
                 return;
             }
+            // Incremental on top of the first: only the pages written since.
             let (code, _, err) = cli(
                 &[
                     "snapshot",
                     name,
                     snap.to_str().unwrap_or_default(),
                     "--stop",
+                    "--incremental",
+                    early.to_str().unwrap_or_default(),
                 ],
                 &state,
             );
@@ -170,6 +188,34 @@ fn snapshot_stop_and_restore_continues_the_guest() {
     assert_eq!(code, 0, "inspect failed: {err}");
     eprintln!("--- snapshot inspect ---\n{out}");
     assert!(out.contains("memory-h0"), "{out}");
+    // The incremental snapshot holds the pages written between the two snapshots: the
+    // guest's own 256 KiB per count (at least one count passed) and some kernel pages,
+    // far less than the full one.
+    let (full, incr) = (data_bytes(&early), data_bytes(&snap));
+    let counted = u64::from(last - SNAP_GO_ON_AT).max(1) * (256 << 10);
+    eprintln!(
+        "full snapshot {full} bytes of data, incremental {incr} (guest wrote about {counted} \
+         in between)"
+    );
+    assert!(out.contains("parent"), "{out}");
+    assert!(incr >= 256 << 10, "{incr}");
+    assert!(
+        incr <= counted * 8 + (4 << 20) && incr < full / 4,
+        "{incr} vs {full}"
+    );
+
+    // The chain folded into one full snapshot (disk copy included), restored below too.
+    let merged = dir.join("merged");
+    let (code, _, err) = cli(
+        &[
+            "snapshot",
+            "merge",
+            snap.to_str().unwrap_or_default(),
+            merged.to_str().unwrap_or_default(),
+        ],
+        &state,
+    );
+    assert_eq!(code, 0, "merge failed: {err}");
     let (code, out, err) = cli(
         &["snapshot", "inspect", early.to_str().unwrap_or_default()],
         &state,
@@ -218,6 +264,22 @@ fn snapshot_stop_and_restore_continues_the_guest() {
         first_line(&snap.join("disk-0.img")),
         COUNT.to_string(),
         "the snapshot's disk copy, used by the restored guest"
+    );
+
+    // The merged snapshot restores the same way (through no chain).
+    let merged_run = run_vmm_with(
+        &["restore", merged.to_str().unwrap_or_default()],
+        &[("SSI_VMM_STATE_DIR", state.as_path())],
+        &["SSI-VMM-CMD-EXIT"],
+        DEADLINE,
+        &mut |_, _| {},
+    );
+    merged_run.assert_clean_exit();
+    assert_eq!(
+        counts(&merged_run.console),
+        (last + 1..=COUNT).collect::<Vec<_>>(),
+        "the merged snapshot's guest:\n{}",
+        merged_run.console
     );
 
     // The snapshot the `run` VM went on after is restored onto two hosts (one vCPU each): the

@@ -20,8 +20,9 @@
 //!   acknowledged (or with an error after a timeout, the vCPUs then running again);
 //! - `"resume"`: every local vCPU runs again;
 //! - `"status"`: the VM's state and each local vCPU's;
-//! - `"snapshot"` with `"dir"` (an absolute path that must not exist) and `"stop"` (bool,
-//!   default false): pauses the VM (if it is not paused), writes a complete snapshot to `dir`
+//! - `"snapshot"` with `"dir"` (an absolute path that must not exist), `"stop"` (bool,
+//!   default false) and optionally `"parent"` (an absolute path: an incremental snapshot on
+//!   top of that one, recording only the pages that differ from it): pauses the VM (if it is not paused), writes a complete snapshot to `dir`
 //!   (see the `snapshot` crate), then resumes it, or stops it when `stop` is true (a VM that
 //!   was paused before stays paused). A failure leaves no snapshot and the VM as it was.
 //!   Answered once the snapshot is committed, with `"dir"`; a client waits up to
@@ -29,7 +30,7 @@
 //! - the three steps `ssi-vmm snapshot` drives on every host of a cluster (see
 //!   `vmm::cluster::snapshot`): `"quiesce"` (on a paused host: no DSM transaction in flight
 //!   here, and one ping round trip to every peer so that everything sent before was handled),
-//!   `"save"` with `"dir"` (the snapshot's partial directory: the vCPUs save their state and
+//!   `"save"` with `"dir"` and optionally `"parent"` (the snapshot's partial directory: the vCPUs save their state and
 //!   the host writes its memory file, states and disk copies there; answered with `"parts"`,
 //!   what it wrote), and `"stop"` with `"dir"` (the VM stops as snapshotted, exit status 0).
 //!
@@ -178,6 +179,8 @@ pub enum Op {
         dir: PathBuf,
         /// Stop the VM once the snapshot is committed.
         stop: bool,
+        /// Incremental: record only the pages that differ from this snapshot (chain).
+        parent: Option<PathBuf>,
     },
     /// Cluster snapshot, on a paused host: settle the DSM and flush the links.
     Quiesce,
@@ -186,6 +189,8 @@ pub enum Op {
     Save {
         /// The partial directory (absolute, existing).
         dir: PathBuf,
+        /// Incremental: write only the pages that differ from this snapshot (chain).
+        parent: Option<PathBuf>,
     },
     /// Stop the VM because it was snapshotted into `dir` (exit status 0).
     Stop {
@@ -211,14 +216,30 @@ impl Op {
     /// The request line (without newline).
     pub fn request(&self) -> String {
         match self {
-            Op::Snapshot { dir, stop } => serde_json::json!({
-                "version": VERSION,
-                "op": self.name(),
-                "dir": dir.to_string_lossy(),
-                "stop": stop,
-            })
-            .to_string(),
-            Op::Save { dir } | Op::Stop { dir } => serde_json::json!({
+            Op::Snapshot { dir, stop, parent } => {
+                let mut v = serde_json::json!({
+                    "version": VERSION,
+                    "op": self.name(),
+                    "dir": dir.to_string_lossy(),
+                    "stop": stop,
+                });
+                if let Some(p) = parent {
+                    v["parent"] = p.to_string_lossy().into();
+                }
+                v.to_string()
+            }
+            Op::Save { dir, parent } => {
+                let mut v = serde_json::json!({
+                    "version": VERSION,
+                    "op": self.name(),
+                    "dir": dir.to_string_lossy(),
+                });
+                if let Some(p) = parent {
+                    v["parent"] = p.to_string_lossy().into();
+                }
+                v.to_string()
+            }
+            Op::Stop { dir } => serde_json::json!({
                 "version": VERSION,
                 "op": self.name(),
                 "dir": dir.to_string_lossy(),
@@ -259,11 +280,30 @@ pub fn parse_request(line: &[u8]) -> Result<Op, String> {
         }
         Ok(dir)
     };
+    let parent_of = |op: &str| -> Result<Option<PathBuf>, String> {
+        match obj.get("parent") {
+            None => Ok(None),
+            Some(p) => {
+                let p = PathBuf::from(
+                    p.as_str()
+                        .ok_or(format!("{op}: \"parent\" must be a string"))?,
+                );
+                if !p.is_absolute() {
+                    return Err(format!(
+                        "{op}: \"parent\" must be an absolute path, not {}",
+                        p.display()
+                    ));
+                }
+                Ok(Some(p))
+            }
+        }
+    };
     match obj.get("op").and_then(|o| o.as_str()) {
         Some("pause") => Ok(Op::Pause),
         Some("quiesce") => Ok(Op::Quiesce),
         Some("save") => Ok(Op::Save {
             dir: dir_of("save")?,
+            parent: parent_of("save")?,
         }),
         Some("stop") => Ok(Op::Stop {
             dir: dir_of("stop")?,
@@ -276,7 +316,11 @@ pub fn parse_request(line: &[u8]) -> Result<Op, String> {
                 None => false,
                 Some(v) => v.as_bool().ok_or("snapshot: \"stop\" must be a boolean")?,
             };
-            Ok(Op::Snapshot { dir, stop })
+            Ok(Op::Snapshot {
+                dir,
+                stop,
+                parent: parent_of("snapshot")?,
+            })
         }
         Some(other) => Err(format!(
             "unknown op {other:?} (expected pause, resume, status, snapshot, quiesce, save or stop)"
@@ -353,8 +397,8 @@ pub trait Target: Send + Sync {
     /// The current state.
     fn status(&self) -> VmStatus;
     /// Writes a snapshot to `dir`, then resumes (or stops, if `stop`). Returns the directory.
-    fn snapshot(&self, dir: &Path, stop: bool) -> Result<PathBuf, String> {
-        let _ = (dir, stop);
+    fn snapshot(&self, dir: &Path, stop: bool, parent: Option<&Path>) -> Result<PathBuf, String> {
+        let _ = (dir, stop, parent);
         Err("this VM cannot be snapshotted".into())
     }
     /// Cluster snapshot: settles the DSM and flushes the links of a paused host.
@@ -362,8 +406,8 @@ pub trait Target: Send + Sync {
         Err("this VM cannot be snapshotted".into())
     }
     /// Cluster snapshot: writes this host's part into the partial directory `dir`.
-    fn save(&self, dir: &Path) -> Result<serde_json::Value, String> {
-        let _ = dir;
+    fn save(&self, dir: &Path, parent: Option<&Path>) -> Result<serde_json::Value, String> {
+        let _ = (dir, parent);
         Err("this VM cannot be snapshotted".into())
     }
     /// Stops the VM, snapshotted into `dir`.
@@ -383,14 +427,14 @@ impl Target for Controller {
     fn status(&self) -> VmStatus {
         Controller::status(self)
     }
-    fn snapshot(&self, dir: &Path, stop: bool) -> Result<PathBuf, String> {
-        Controller::snapshot(self, dir, stop).map_err(|e| e.to_string())
+    fn snapshot(&self, dir: &Path, stop: bool, parent: Option<&Path>) -> Result<PathBuf, String> {
+        Controller::snapshot(self, dir, stop, parent).map_err(|e| e.to_string())
     }
     fn quiesce(&self) -> Result<(), String> {
         Controller::quiesce(self, ACK_TIMEOUT).map_err(|e| e.to_string())
     }
-    fn save(&self, dir: &Path) -> Result<serde_json::Value, String> {
-        let parts = Controller::save_parts(self, dir).map_err(|e| e.to_string())?;
+    fn save(&self, dir: &Path, parent: Option<&Path>) -> Result<serde_json::Value, String> {
+        let parts = Controller::save_parts(self, dir, parent).map_err(|e| e.to_string())?;
         serde_json::to_value(parts).map_err(|e| e.to_string())
     }
     fn stop_snapshotted(&self, dir: &Path) -> Result<(), String> {
@@ -414,16 +458,18 @@ pub fn handle(target: &dyn Target, line: &[u8]) -> Response {
             let st = target.status();
             return Response::ok(st.state, Some(st.vcpus));
         }
-        Op::Snapshot { dir, stop } => match target.snapshot(dir, *stop) {
-            Ok(d) => {
-                let mut r = Response::ok(target.status().state, None);
-                r.dir = Some(d.display().to_string());
-                return r;
+        Op::Snapshot { dir, stop, parent } => {
+            match target.snapshot(dir, *stop, parent.as_deref()) {
+                Ok(d) => {
+                    let mut r = Response::ok(target.status().state, None);
+                    r.dir = Some(d.display().to_string());
+                    return r;
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
         Op::Quiesce => target.quiesce(),
-        Op::Save { dir } => match target.save(dir) {
+        Op::Save { dir, parent } => match target.save(dir, parent.as_deref()) {
             Ok(parts) => {
                 let mut r = Response::ok(target.status().state, None);
                 r.parts = Some(parts);
@@ -796,13 +842,15 @@ mod tests {
         let op = Op::Snapshot {
             dir: PathBuf::from("/srv/snap 1"),
             stop: true,
+            parent: Some(PathBuf::from("/srv/snap 0")),
         };
         assert_eq!(parse_request(op.request().as_bytes()), Ok(op));
         assert_eq!(
             parse_request(br#"{"version":1,"op":"snapshot","dir":"/s"}"#),
             Ok(Op::Snapshot {
                 dir: PathBuf::from("/s"),
-                stop: false
+                stop: false,
+                parent: None,
             })
         );
         for (line, needle) in [
@@ -834,6 +882,11 @@ mod tests {
             Op::Quiesce,
             Op::Save {
                 dir: PathBuf::from("/srv/snap.tmp-7"),
+                parent: None,
+            },
+            Op::Save {
+                dir: PathBuf::from("/srv/snap.tmp-7"),
+                parent: Some(PathBuf::from("/srv/snap-0")),
             },
             Op::Stop {
                 dir: PathBuf::from("/srv/snap"),
@@ -845,6 +898,14 @@ mod tests {
             (&br#"{"version":1,"op":"save"}"#[..], "\"dir\""),
             (br#"{"version":1,"op":"save","dir":"x"}"#, "absolute"),
             (br#"{"version":1,"op":"stop","dir":7}"#, "\"dir\""),
+            (
+                br#"{"version":1,"op":"save","dir":"/s","parent":"p"}"#,
+                "absolute",
+            ),
+            (
+                br#"{"version":1,"op":"snapshot","dir":"/s","parent":3}"#,
+                "string",
+            ),
         ] {
             let e = parse_request(line).unwrap_err();
             assert!(e.contains(needle), "{e}");

@@ -45,13 +45,20 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct SnapshotArgs {
-    /// The VM's name (`run --name`), or `inspect` to describe the snapshot in DIR.
+    /// The VM's name (`run --name` or a cluster's), or `inspect` to describe the snapshot in
+    /// DIR, or `merge` to fold the chain DIR into the full snapshot OUT.
     name: String,
     /// The snapshot directory (created; must not exist).
     dir: PathBuf,
+    /// `merge` only: the full snapshot to write (must not exist).
+    out: Option<PathBuf>,
     /// Stop the VM once the snapshot is written.
     #[arg(long)]
     stop: bool,
+    /// Incremental: record only the pages that differ from the snapshot PARENT (an earlier
+    /// snapshot of this VM, or a chain ending in one), which DIR then refers to.
+    #[arg(long, value_name = "PARENT")]
+    incremental: Option<PathBuf>,
     /// State directory root (default $SSI_VMM_STATE_DIR or /run/ssi-vmm).
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -99,13 +106,40 @@ fn snapshot_main(a: SnapshotArgs) -> Result<(), String> {
         print!("{text}");
         return Ok(());
     }
+    if a.name == "merge" {
+        let out = a.out.ok_or("snapshot merge DIR OUT: OUT is missing")?;
+        let r = vmm::vm::snap::load(&a.dir, true).map_err(|e| e.to_string())?;
+        let disks: Vec<&str> = r.guest.disks.iter().map(|d| d.file.as_str()).collect();
+        let done = snapshot::merge_with(&r.snap, &out, &disks).map_err(|e| e.to_string())?;
+        eprintln!(
+            "ssi-vmm: {} ({} layers) merged into the full snapshot {}",
+            a.dir.display(),
+            r.snap.layers().len(),
+            done.display()
+        );
+        return Ok(());
+    }
+    if a.out.is_some() {
+        return Err("too many arguments: snapshot NAME DIR [--stop] [--incremental PARENT]".into());
+    }
+    let parent = match &a.incremental {
+        Some(p) => {
+            let p = std::path::absolute(p)
+                .map_err(|e| format!("parent snapshot {}: {e}", p.display()))?;
+            // A clear error now rather than from the VMM: the parent must be a snapshot.
+            vmm::vm::snap::load(&p, false)
+                .map_err(|e| format!("parent snapshot {}: {e}", p.display()))?;
+            Some(p)
+        }
+        None => None,
+    };
     let root = a.state_dir.unwrap_or_else(vmm::cluster::status::state_root);
     // The VMM runs elsewhere: give it an absolute path (its parent must exist here).
     let dir = std::path::absolute(&a.dir)
         .map_err(|e| format!("snapshot directory {}: {e}", a.dir.display()))?;
     let endpoints = control::endpoints(&root, &a.name).map_err(|e| e.to_string())?;
     if endpoints.len() > 1 || endpoints.first().is_some_and(|e| e.label != "vm") {
-        let t = vmm::cluster::snapshot::take(&endpoints, &dir, a.stop)
+        let t = vmm::cluster::snapshot::take(&endpoints, &dir, a.stop, parent.as_deref())
             .map_err(|e| format!("{}: {e}", a.name))?;
         let then = if a.stop { "stopped" } else { "resumed" };
         eprintln!(
@@ -124,6 +158,7 @@ fn snapshot_main(a: SnapshotArgs) -> Result<(), String> {
         Op::Snapshot {
             dir: dir.clone(),
             stop: a.stop,
+            parent,
         },
     )
     .map_err(|e| format!("{}: {e}", a.name))?;

@@ -107,7 +107,9 @@ fn checkpointer(name: String, plan: Plan, done: Arc<AtomicBool>) {
         let target = plan.dir.join(format!("ckpt-{seq}"));
         let r = control::endpoints(&root, &name)
             .map_err(|e| e.to_string())
-            .and_then(|eps| super::snapshot::take(&eps, &target, false).map_err(|e| e.to_string()));
+            .and_then(|eps| {
+                super::snapshot::take(&eps, &target, false, None).map_err(|e| e.to_string())
+            });
         match r {
             Ok(t) => {
                 eprintln!(

@@ -102,7 +102,14 @@ fn step(ep: &Endpoint, name: &'static str, op: Op) -> Result<serde_json::Value, 
 
 /// Snapshots the cluster whose hosts answer on `endpoints` into `dir` (absolute; must not
 /// exist), then resumes it, or stops it when `stop`. A VM paused before stays paused.
-pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Error> {
+/// With `parent`, the snapshot is incremental: every host writes only the pages that differ
+/// from that snapshot (chain), which becomes the new one's parent.
+pub fn take(
+    endpoints: &[Endpoint],
+    dir: &Path,
+    stop: bool,
+    parent: Option<&Path>,
+) -> Result<Taken, Error> {
     let mut was_paused = true;
     for ep in endpoints {
         let st = step(ep, "status", Op::Status)?;
@@ -123,6 +130,10 @@ pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Err
                 step(ep, "quiesce", Op::Quiesce)?;
             }
         }
+        let pref = match parent {
+            Some(p) => Some(snapshot::ParentRef::new(dir, p)?),
+            None => None,
+        };
         let b = SnapshotBuilder::create(dir)?;
         let partial = b.partial_dir().to_path_buf();
         let saving = std::sync::atomic::AtomicBool::new(true);
@@ -147,7 +158,11 @@ pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Err
                 .map(|ep| {
                     let partial = partial.clone();
                     s.spawn(move || {
-                        let v = step(ep, "save", Op::Save { dir: partial })?;
+                        let op = Op::Save {
+                            dir: partial,
+                            parent: parent.map(Path::to_path_buf),
+                        };
+                        let v = step(ep, "save", op)?;
                         let bad = |detail: String| Error::BadParts {
                             host: ep.label.clone(),
                             detail,
@@ -179,7 +194,7 @@ pub fn take(endpoints: &[Endpoint], dir: &Path, stop: bool) -> Result<Taken, Err
             .filter_map(|p| p.memory.as_ref())
             .map(|m| m.pages_data * snapshot::PAGE_SIZE as u64)
             .sum();
-        let manifest = snap::assemble(&parts)?;
+        let manifest = snap::assemble(&parts, pref)?;
         let out = b.commit(&manifest)?;
         Ok((out, data_bytes))
     })();

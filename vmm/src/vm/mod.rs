@@ -282,10 +282,17 @@ impl Controller {
 
     /// Writes a snapshot of the VM to `dir` (which must not exist): pauses it unless it is
     /// paused, has every vCPU save its state on its own thread, saves the interrupt
-    /// controllers, devices, kvmclock, guest RAM and disks (see [`snap`]), commits, then
+    /// controllers, devices, kvmclock, guest RAM (with `parent`: only the pages that differ
+    /// from that snapshot, which becomes the new one's parent) and disks (see [`snap`]),
+    /// commits, then
     /// resumes the VM, or stops it if `stop`. A VM paused before stays paused. On an error no
     /// snapshot is left and the VM goes on as before (also with `stop`).
-    pub fn snapshot(&self, dir: &Path, stop: bool) -> Result<PathBuf, Error> {
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        stop: bool,
+        parent: Option<&Path>,
+    ) -> Result<PathBuf, Error> {
         let mut h = self.lock();
         if self.stop.stopped() {
             return Err(Error::Stopping);
@@ -326,7 +333,7 @@ impl Controller {
                     None => return Err(snap::Error::NoVcpuState(v.index).into()),
                 }
             }
-            Ok::<_, Error>(src.write(dir, vcpus)?)
+            Ok::<_, Error>(src.write(dir, vcpus, parent)?)
         })();
         match &r {
             Ok(d) if stop => {
@@ -400,7 +407,11 @@ impl Controller {
     /// Part of a cluster snapshot, on a paused and quiesced host: has every local vCPU save
     /// its state and writes this host's files into `partial` (the snapshot's directory being
     /// written; see [`snap::Source::write_parts`]). Returns what it wrote, for the manifest.
-    pub fn save_parts(&self, partial: &Path) -> Result<snap::HostParts, Error> {
+    pub fn save_parts(
+        &self,
+        partial: &Path,
+        parent: Option<&Path>,
+    ) -> Result<snap::HostParts, Error> {
         let h = self.lock();
         if self.stop.stopped() {
             return Err(Error::Stopping);
@@ -423,7 +434,11 @@ impl Controller {
                 None => return Err(snap::Error::NoVcpuState(v.index).into()),
             }
         }
-        Ok(self.snap.write_parts(partial, vcpus)?)
+        let parent = match parent {
+            Some(p) => Some(snapshot::open(p).map_err(snap::Error::from)?),
+            None => None,
+        };
+        Ok(self.snap.write_parts(partial, vcpus, parent.as_ref())?)
     }
 
     /// The VM's state and each local vCPU's.

@@ -219,7 +219,10 @@ pub struct HostParts {
 
 /// The manifest of a snapshot from every host's parts: each host of the placement exactly
 /// once, each disk copied exactly once.
-pub fn assemble(parts: &[HostParts]) -> Result<Manifest, Error> {
+pub fn assemble(
+    parts: &[HostParts],
+    parent: Option<snapshot::ParentRef>,
+) -> Result<Manifest, Error> {
     let bad = |detail: String| Error::Manifest {
         path: PathBuf::from(snapshot::MANIFEST_FILE),
         what: "assembling",
@@ -257,6 +260,7 @@ pub fn assemble(parts: &[HostParts]) -> Result<Manifest, Error> {
         .map(|(i, d)| d.ok_or_else(|| bad(format!("disk {i} was not copied"))))
         .collect::<Result<_, _>>()?;
     let mut manifest = Manifest::new(to_value(&guest)?, to_value(&first.placement)?);
+    manifest.parent = parent;
     for p in parts {
         manifest.memory_files.extend(p.memory.clone());
         manifest.state_files.extend(p.states.iter().cloned());
@@ -287,11 +291,23 @@ impl Source {
     /// Writes the snapshot of a paused single-host VM whose vCPUs saved `vcpus` into `dir`;
     /// returns the committed directory. On an error nothing is left behind (the builder
     /// removes its temporary directory).
-    pub(super) fn write(&self, dir: &Path, vcpus: Vec<SavedVcpu>) -> Result<PathBuf, Error> {
+    pub(super) fn write(
+        &self,
+        dir: &Path,
+        vcpus: Vec<SavedVcpu>,
+        parent: Option<&Path>,
+    ) -> Result<PathBuf, Error> {
         let started = std::time::Instant::now();
         let b = SnapshotBuilder::create(dir)?;
-        let parts = self.write_parts(b.partial_dir(), vcpus)?;
-        let out = b.commit(&assemble(&[parts])?)?;
+        let (chain, pref) = match parent {
+            Some(p) => (
+                Some(snapshot::open(p)?),
+                Some(snapshot::ParentRef::new(dir, p)?),
+            ),
+            None => (None, None),
+        };
+        let parts = self.write_parts(b.partial_dir(), vcpus, chain.as_ref())?;
+        let out = b.commit(&assemble(&[parts], pref)?)?;
         log::info!(
             "snapshot {} written in {:.1} s",
             out.display(),
@@ -309,10 +325,21 @@ impl Source {
         &self,
         tmp: &Path,
         vcpus: Vec<SavedVcpu>,
+        parent: Option<&Snapshot>,
     ) -> Result<HostParts, Error> {
         let started = std::time::Instant::now();
         let me = self.me;
         let h = Some(me as u32);
+        if let Some(chain) = parent {
+            let theirs: Result<GuestConfig, _> =
+                serde_json::from_value(chain.top().manifest().guest.clone());
+            if !theirs.is_ok_and(|g| g.memory == self.cfg.memory && g.cpus == self.cfg.cpus) {
+                return Err(Error::Inconsistent {
+                    path: chain.top().dir().to_path_buf(),
+                    detail: "the parent is a snapshot of another machine".into(),
+                });
+            }
+        }
         let mut states = Vec::new();
         let lapics: Vec<LapicState> = vcpus
             .iter()
@@ -440,7 +467,23 @@ impl Source {
                 self.mem
                     .read_slice(&mut buf[..n], GuestAddress(gpa))
                     .map_err(|source| Error::Memory { gpa, source })?;
-                w.write_pages(gpa, &buf[..n])?;
+                match parent {
+                    None => w.write_pages(gpa, &buf[..n])?,
+                    // Incremental: only the pages whose contents differ from the chain's.
+                    Some(chain) => {
+                        for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
+                            let at = gpa + (i * PAGE_SIZE) as u64;
+                            let Ok(page) = <&[u8; PAGE_SIZE]>::try_from(page) else {
+                                continue;
+                            };
+                            let now = (!snapshot::checksum::is_zero_page(page))
+                                .then(|| snapshot::checksum::page_hash(page));
+                            if now != chain.recorded(at).unwrap_or(None) {
+                                w.write_page(at, page)?;
+                            }
+                        }
+                    }
+                }
                 gpa += n as u64;
                 bytes += n as u64;
             }
@@ -1013,12 +1056,12 @@ mod tests {
     #[test]
     fn parts_assemble_into_one_manifest() {
         let all = [parts(1, 2, &[1, 0]), parts(0, 2, &[1, 0])];
-        let m = assemble(&all).unwrap();
+        let m = assemble(&all, None).unwrap();
         let guest: GuestConfig = serde_json::from_value(m.guest).unwrap();
         let files: Vec<&str> = guest.disks.iter().map(|d| d.file.as_str()).collect();
         assert_eq!(files, ["disk-0.img", "disk-1.img"]);
         // A host missing, answering twice, or from another machine; a disk copied twice.
-        let err = |p: &[HostParts]| assemble(p).unwrap_err().to_string();
+        let err = |p: &[HostParts]| assemble(p, None).unwrap_err().to_string();
         assert!(err(&all[..1]).contains("host 0 wrote nothing"));
         assert!(err(&[all[0].clone(), all[0].clone()]).contains("twice"));
         let mut other = all[0].clone();
