@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ssi_tests::{
     alive, assert_clean_cluster, debugfs_cat, field, initramfs, lean_kernel, line_starting,
-    line_value, make_ext4_image, run_vmm, vmm_bin,
+    line_value, make_ext4_image, run_vmm_with, vmm_bin,
 };
 
 const DEADLINE: Duration = Duration::from_secs(2400);
@@ -55,19 +55,17 @@ fn up_args(name: &str, hosts: usize, append: &str) -> Vec<String> {
     .collect()
 }
 
-/// Boots the lean kernel on `hosts` local hosts with `append`, asserts a clean run on every
-/// host (exit 0, no DSM protocol or send error, no `ERROR` in any log, no host killed), and
-/// returns the console and the parsed `status.json`.
-fn boot(name: &str, hosts: usize, append: &str) -> (String, serde_json::Value) {
-    boot_with(name, hosts, append, &[])
-}
-
-/// [`boot`] with more `up` arguments.
+/// Boots the lean kernel on `hosts` local hosts with `append` (and `extra` `up` arguments),
+/// asserts a clean run on every host (exit 0, no DSM protocol or send error, no `ERROR` in any
+/// log, no host killed), and returns the console and the parsed `status.json`.
+/// With `snapshot = Some((marker, dir))`, `ssi-vmm snapshot NAME DIR` (the VM goes on) runs
+/// when `marker` appears on the console; it must succeed.
 fn boot_with(
     name: &str,
     hosts: usize,
     append: &str,
     extra: &[&str],
+    snapshot: Option<(&str, &Path)>,
 ) -> (String, serde_json::Value) {
     let dir = state_dir(name);
     // The test binary runs its tests one at a time; the variable only reaches our children.
@@ -76,11 +74,36 @@ fn boot_with(
     let mut args = up_args(name, hosts, append);
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = run_vmm(
-        &args,
-        &["SSI-VMM-USERSPACE-UP", "SSI-VMM-TEST-EXIT"],
-        DEADLINE,
-    );
+    let mut markers = vec!["SSI-VMM-USERSPACE-UP", "SSI-VMM-TEST-EXIT"];
+    if let Some((m, _)) = snapshot {
+        markers.push(m);
+    }
+    let mut took = None;
+    let run = run_vmm_with(&args, &[], &markers, DEADLINE, &mut |m, _| {
+        let Some((at, snap)) = snapshot.filter(|(at, _)| *at == m) else {
+            return;
+        };
+        let _ = at;
+        let out = Command::new(vmm_bin())
+            .args(["snapshot", name])
+            .arg(snap)
+            .output();
+        took = Some(out.map(|o| {
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        }));
+    });
+    if let Some((_, snap)) = snapshot {
+        let (ok, err) = match took {
+            Some(Ok(x)) => x,
+            other => panic!("no snapshot taken: {other:?}\n{}", run.stderr),
+        };
+        eprintln!("snapshot while the checker ran: {err}");
+        assert!(ok && err.contains("resumed"), "{err}");
+        assert!(snap.join("manifest.json").exists());
+    }
     let up = run.mark("SSI-VMM-USERSPACE-UP");
     eprintln!(
         "{hosts} hosts: userspace after {up:?}, total {:?}",
@@ -174,12 +197,28 @@ fn host_stat(status: &serde_json::Value, h: u64, key: &str) -> u64 {
 #[test]
 fn two_hosts_boot_pass_the_smp_checker_and_aggregate_memory() {
     const AGGR_MB: u64 = 160;
-    let (console, status) = boot(
+    // A cluster snapshot in the middle of the vector-register check: every vCPU of both hosts
+    // pauses, saves and resumes, and every check must still pass.
+    let snap = state_dir("two-snap").join("snap");
+    let _ = std::fs::create_dir_all(snap.parent().unwrap_or(Path::new("/tmp")));
+    let (console, status) = boot_with(
         "two",
         2,
         &format!("ssi.test=check ssi.check_seconds=20 ssi.check_mem=16 ssi.check_aggr={AGGR_MB}"),
+        &[],
+        Some(("ssi-check: vector:", &snap)),
     );
     check_console(&console, 2);
+    let out = Command::new(vmm_bin())
+        .args(["snapshot", "inspect"])
+        .arg(&snap)
+        .output()
+        .expect("snapshot inspect");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for f in ["memory-h0", "memory-h1", "state-h0-vcpus", "state-h1-vcpus"] {
+        assert!(text.contains(f), "{f} in:\n{text}");
+    }
+    let _ = std::fs::remove_dir_all(&snap);
     // The default: the guest runs its APICs in x2APIC mode (MSR interface, 32-bit IDs).
     assert!(
         console.contains("x2apic enabled") && console.contains("physical x2apic"),
@@ -225,6 +264,7 @@ fn three_hosts_boot_and_pass_the_smp_checker_with_a_disk_on_host_2() {
             "nox2apic ssi.test=check,disk ssi.check_seconds=20 ssi.check_mem=16 ssi.token={token}"
         ),
         &["--disk", &disk],
+        None,
     );
     check_console(&console, 3);
     assert!(!console.contains("x2apic enabled"), "{console}");
