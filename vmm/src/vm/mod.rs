@@ -11,6 +11,8 @@ mod build;
 mod memory;
 pub mod snap;
 
+use snap::SavedVcpu;
+
 pub use build::JOIN_TIMEOUT;
 
 use std::collections::BTreeMap;
@@ -219,6 +221,20 @@ impl Controller {
         }
     }
 
+    /// Has every (paused) local vCPU save its KVM state on its own thread; returns the
+    /// states in vCPU order.
+    fn save_vcpus(h: &Handles) -> Result<Vec<SavedVcpu>, Error> {
+        Self::broadcast(h, VcpuEvent::Save, VcpuResponse::Saved, "save", ACK_TIMEOUT)?;
+        h.vcpus
+            .iter()
+            .map(|v| match v.shared.take_saved() {
+                Some(Ok(s)) => Ok(s),
+                Some(Err(e)) => Err(snap::Error::Vcpu(e).into()),
+                None => Err(snap::Error::NoVcpuState(v.index).into()),
+            })
+            .collect()
+    }
+
     /// Pauses every local vCPU: returns once each has left `KVM_RUN` (or was parked on HLT or
     /// waiting for SIPI) and acknowledged. On a timeout the vCPUs are resumed again and the
     /// error names the ones that did not answer.
@@ -318,21 +334,7 @@ impl Controller {
             h.paused = true;
         }
         let r = (|| {
-            Self::broadcast(
-                &h,
-                VcpuEvent::Save,
-                VcpuResponse::Saved,
-                "save",
-                ACK_TIMEOUT,
-            )?;
-            let mut vcpus = Vec::new();
-            for v in &h.vcpus {
-                match v.shared.take_saved() {
-                    Some(Ok(s)) => vcpus.push(s),
-                    Some(Err(e)) => return Err(snap::Error::Vcpu(e).into()),
-                    None => return Err(snap::Error::NoVcpuState(v.index).into()),
-                }
-            }
+            let vcpus = Self::save_vcpus(&h)?;
             Ok::<_, Error>(src.write(dir, vcpus, parent)?)
         })();
         match &r {
@@ -419,21 +421,7 @@ impl Controller {
         if !h.paused {
             return Err(Error::NotPaused);
         }
-        Self::broadcast(
-            &h,
-            VcpuEvent::Save,
-            VcpuResponse::Saved,
-            "save",
-            ACK_TIMEOUT,
-        )?;
-        let mut vcpus = Vec::new();
-        for v in &h.vcpus {
-            match v.shared.take_saved() {
-                Some(Ok(s)) => vcpus.push(s),
-                Some(Err(e)) => return Err(snap::Error::Vcpu(e).into()),
-                None => return Err(snap::Error::NoVcpuState(v.index).into()),
-            }
-        }
+        let vcpus = Self::save_vcpus(&h)?;
         let parent = match parent {
             Some(p) => Some(snapshot::open(p).map_err(snap::Error::from)?),
             None => None,
