@@ -23,11 +23,17 @@ pub enum Exit {
     Msr,
     /// Emulation failure fixed up.
     EmulationFailure,
+    /// Guest RAM access handed to the VMM as MMIO (an interrupted userfaultfd wait, see
+    /// `vcpu::ram_exit`).
+    RamAccess,
+    /// Emulation failure retried (an instruction the fix-ups do not know, run again in case
+    /// its memory access was cut short by a signal).
+    EmulationRetry,
     /// Anything else.
     Other,
 }
 
-const NAMES: [&str; 10] = [
+const NAMES: [&str; 12] = [
     "pio",
     "lapic_mmio",
     "ioapic_mmio",
@@ -37,21 +43,23 @@ const NAMES: [&str; 10] = [
     "kick",
     "msr",
     "emulation_failure",
+    "ram_access",
+    "emulation_retry",
     "other",
 ];
 
 /// Counters shared by all vCPUs.
 #[derive(Default)]
 pub struct Stats {
-    exits: [AtomicU64; 10],
+    exits: [AtomicU64; 12],
     /// Interrupts injected with KVM_INTERRUPT.
     pub injected: AtomicU64,
 }
 
 impl Stats {
-    /// Counts one exit.
-    pub fn count(&self, e: Exit) {
-        self.exits[e as usize].fetch_add(1, Ordering::Relaxed);
+    /// Counts one exit; returns how many of its kind there were, this one included.
+    pub fn count(&self, e: Exit) -> u64 {
+        self.exits[e as usize].fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// (name, count) pairs.

@@ -2,10 +2,14 @@
 //! `--checkpoint-every D --checkpoint-dir DIR`).
 //!
 //! While the VM runs, a thread takes a cluster snapshot (see [`super::snapshot`]) into
-//! `DIR/ckpt-<seq>` every `D` and keeps the last [`KEEP`] complete ones. A checkpoint is written
-//! as `DIR/ckpt-<seq>.tmp-<pid>` and renamed into place only once complete, so one cut short
-//! (the writer or a host killed mid-way) is never used: restart opens the newest directory
-//! whose snapshot opens and verifies.
+//! `DIR/ckpt-<seq>` every `D`. Checkpoints are **incremental**: each one records only the pages
+//! that differ from the previous checkpoint of the run (its parent), except the first of a run
+//! and every [`FULL_EVERY`]-th, which are full, so chains stay short. The last [`KEEP`] complete
+//! checkpoints are kept together with every checkpoint their chains read through; the rest are
+//! removed once a newer one is complete. A checkpoint is written as
+//! `DIR/ckpt-<seq>.tmp-<pid>` and renamed into place only once complete, so one cut short (the
+//! writer or a host killed mid-way) is never used: restart opens the newest directory whose
+//! snapshot (chain included) opens and verifies.
 //!
 //! When the run ends with a host gone (killed, crashed, unreachable: any host without a
 //! clean exit) and not on a stop signal, the VM is started again from the newest complete
@@ -30,6 +34,8 @@ use crate::vm::snap;
 pub const KEEP: usize = 2;
 /// Most automatic restarts of one run.
 pub const MAX_RESTARTS: usize = 3;
+/// Every this many checkpoints of a run, one is full (the others are incremental).
+pub const FULL_EVERY: usize = 8;
 
 /// Periodic checkpoints of a local cluster.
 #[derive(Clone, Debug)]
@@ -94,37 +100,70 @@ pub fn latest(dir: &Path) -> Option<PathBuf> {
         })
 }
 
+/// Removes the complete checkpoints in `dir` that neither are among the newest [`KEEP`] nor
+/// lie in one of their chains.
+fn rotate(dir: &Path) {
+    let all = list(dir);
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let keep: std::collections::HashSet<PathBuf> = all
+        .iter()
+        .rev()
+        .take(KEEP)
+        .flat_map(|(_, p)| match snapshot::Snapshot::open(p) {
+            Ok(s) => s.layers().iter().map(|l| canon(l.dir())).collect(),
+            Err(_) => vec![canon(p)],
+        })
+        .collect();
+    for (_, p) in &all {
+        if !keep.contains(&canon(p)) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
 /// Takes checkpoints of cluster `name` until `done`.
 fn checkpointer(name: String, plan: Plan, done: Arc<AtomicBool>) {
     let root = status::state_root();
     let mut seq = list(&plan.dir).last().map_or(1, |(s, _)| s + 1);
     let mut next = Instant::now() + plan.every;
+    // The previous checkpoint of this run and how many checkpoints its chain holds.
+    let mut parent: Option<(PathBuf, usize)> = None;
     while !done.load(Ordering::SeqCst) {
         if Instant::now() < next {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
         let target = plan.dir.join(format!("ckpt-{seq}"));
+        let on = parent
+            .as_ref()
+            .filter(|(_, len)| *len < FULL_EVERY)
+            .map(|(p, len)| (p.clone(), *len));
         let r = control::endpoints(&root, &name)
             .map_err(|e| e.to_string())
             .and_then(|eps| {
-                super::snapshot::take(&eps, &target, false, None).map_err(|e| e.to_string())
+                super::snapshot::take(&eps, &target, false, on.as_ref().map(|(p, _)| p.as_path()))
+                    .map_err(|e| e.to_string())
             });
         match r {
             Ok(t) => {
                 eprintln!(
-                    "ssi-vmm: checkpoint {} written (guest paused {:.2} s, {} MiB of data)",
+                    "ssi-vmm: checkpoint {} written ({}, guest paused {:.2} s, {} MiB of data)",
                     t.dir.display(),
+                    match &on {
+                        Some((p, _)) => format!(
+                            "incremental on {}",
+                            p.file_name().unwrap_or_default().to_string_lossy()
+                        ),
+                        None => "full".into(),
+                    },
                     t.paused_for.as_secs_f64(),
                     t.data_bytes >> 20
                 );
                 if let Err(e) = status::set_checkpoint(&root.join(&name), &t.dir) {
                     log::warn!("cannot record the checkpoint in the status: {e}");
                 }
-                let all = list(&plan.dir);
-                for (_, old) in all.iter().take(all.len().saturating_sub(KEEP)) {
-                    let _ = std::fs::remove_dir_all(old);
-                }
+                parent = Some((t.dir.clone(), on.map_or(1, |(_, len)| len + 1)));
+                rotate(&plan.dir);
                 seq += 1;
             }
             Err(e) if done.load(Ordering::SeqCst) => {
@@ -266,6 +305,44 @@ mod tests {
         assert!(parse_every("10ms").is_err());
         assert!(parse_every("1h").is_err());
         assert!(parse_every("s").is_err());
+    }
+
+    /// An empty checkpoint at `dir`, incremental on `parent`.
+    fn ckpt(dir: &Path, parent: Option<&str>) {
+        let b = snapshot::SnapshotBuilder::create(dir).unwrap();
+        let mut m = snapshot::Manifest::new(serde_json::json!({}), serde_json::json!({}));
+        if let Some(p) = parent {
+            let p = dir.parent().unwrap().join(p);
+            m.parent = Some(snapshot::ParentRef::new(dir, &p).unwrap());
+        }
+        b.commit(&m).unwrap();
+    }
+
+    fn names(d: &Path) -> Vec<u64> {
+        list(d).into_iter().map(|(s, _)| s).collect()
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_checkpoints_and_their_chains() {
+        let d = std::env::temp_dir().join(format!("ssi-ckpt-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        ckpt(&d.join("ckpt-1"), None);
+        ckpt(&d.join("ckpt-2"), Some("ckpt-1"));
+        ckpt(&d.join("ckpt-3"), Some("ckpt-2"));
+        rotate(&d);
+        // 3 and 2 are the newest; 3 reads through 2 and 1.
+        assert_eq!(names(&d), [1, 2, 3]);
+        ckpt(&d.join("ckpt-4"), None);
+        rotate(&d);
+        assert_eq!(names(&d), [1, 2, 3, 4]);
+        ckpt(&d.join("ckpt-5"), Some("ckpt-4"));
+        rotate(&d);
+        assert_eq!(names(&d), [4, 5]);
+        // What is kept still opens, chain included.
+        let s = snapshot::Snapshot::open(&d.join("ckpt-5")).unwrap();
+        assert_eq!(s.layers().len(), 2);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

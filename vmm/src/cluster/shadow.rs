@@ -22,7 +22,8 @@
 //! EPT/NPT the guest's page tables are walked by hardware and none of this is needed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use irqchip::LocalApic;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -38,8 +39,14 @@ pub struct ShadowZap {
     frames: Frames,
     zaps: AtomicU64,
     requests: AtomicU64,
+    deferred: AtomicU64,
     every_discard: bool,
 }
+
+/// How often a vCPU waiting to reload the shadow tables kicks the other local vCPUs again.
+const REKICK: Duration = Duration::from_millis(5);
+/// How long it waits for them before deferring the reload.
+const DEFER_AFTER: Duration = Duration::from_millis(200);
 
 /// The guest-physical frames a page-table entry of this guest can map: its RAM and the device
 /// windows the VMM emulates (virtio-mmio slots, IOAPIC, local APIC).
@@ -124,15 +131,18 @@ impl ShadowZap {
             frames,
             zaps: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
             // Diagnostics: treat every dropped page as a page table.
             every_discard: std::env::var_os("SSI_VMM_ZAP_EVERY_DISCARD").is_some(),
         }
     }
 
-    /// DSM hook: this host is dropping its copy of `page`.
-    pub fn on_discard(&self, gpa: u64, page: &[u8; 4096]) {
+    /// `page` changes behind KVM's write tracking: the DSM drops this host's copy (its
+    /// contents are the old ones), or the VMM wrote it for the guest (`vcpu::ram_exit`, the
+    /// new ones). Asks for the shadow tables to go if it looks like a page table.
+    pub fn on_changed_behind_kvm(&self, gpa: u64, page: &[u8; 4096]) {
         if self.every_discard || looks_like_page_table(page, &self.frames) {
-            log::trace!("page-table page {gpa:#x} dropped: shadow page tables to go");
+            log::trace!("page-table page {gpa:#x} changed: shadow page tables to go");
             self.requests.fetch_add(1, Ordering::Relaxed);
             if !self.needed.swap(true, Ordering::AcqRel) {
                 for l in &self.lapics {
@@ -144,14 +154,56 @@ impl ShadowZap {
 
     /// Called by a vCPU thread before `KVM_RUN`: reloads the slots if asked to, then returns
     /// the guard to hold while inside `KVM_RUN`.
+    ///
+    /// The reload waits for the other local vCPUs to leave `KVM_RUN`, kicking them again every
+    /// [`REKICK`], but never longer than [`DEFER_AFTER`]: a vCPU can stay inside `KVM_RUN`
+    /// although kicked (seen here: a guest CPU spinning for an answer from the vCPU that waits
+    /// here, its thread at 100 % system time and deaf to signals), and waiting for it forever
+    /// was a deadlock of the whole VM. Then the reload is deferred (`needed` stays set, the
+    /// next entry of any local vCPU tries again) and this vCPU runs: that lets the guest go
+    /// on, and the other vCPU leaves `KVM_RUN` once it has its answer.
     pub fn enter(&self) -> RwLockReadGuard<'_, ()> {
         if self.needed.load(Ordering::Acquire) {
-            let _w = self.gate.write().unwrap_or_else(|p| p.into_inner());
-            if self.needed.swap(false, Ordering::AcqRel) {
-                self.zap();
+            if let Some(_w) = self.write_within(DEFER_AFTER) {
+                if self.needed.swap(false, Ordering::AcqRel) {
+                    self.zap();
+                }
+            } else {
+                let n = self.deferred.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 || n.is_power_of_two() {
+                    log::warn!(
+                        "shadow page-table reload deferred {n} time(s): a local vCPU stayed in \
+                         KVM_RUN for {DEFER_AFTER:?} although kicked"
+                    );
+                }
             }
         }
         self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The write half of the gate once no local vCPU is inside `KVM_RUN`, kicking them while
+    /// waiting; `None` after `limit`.
+    fn write_within(&self, limit: Duration) -> Option<RwLockWriteGuard<'_, ()>> {
+        let start = Instant::now();
+        let mut kicked = start;
+        loop {
+            match self.gate.try_write() {
+                Ok(w) => return Some(w),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            let now = Instant::now();
+            if now.duration_since(start) >= limit {
+                return None;
+            }
+            if now.duration_since(kicked) >= REKICK {
+                for l in &self.lapics {
+                    l.wake();
+                }
+                kicked = now;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     fn zap(&self) {
@@ -182,6 +234,11 @@ impl ShadowZap {
     /// How many times the shadow page tables were dropped.
     pub fn zaps(&self) -> u64 {
         self.zaps.load(Ordering::Relaxed)
+    }
+
+    /// How many times a reload was deferred (a local vCPU did not leave `KVM_RUN` in time).
+    pub fn deferred(&self) -> u64 {
+        self.deferred.load(Ordering::Relaxed)
     }
 }
 

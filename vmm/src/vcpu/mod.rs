@@ -4,6 +4,7 @@
 pub mod control;
 pub mod decode;
 pub mod quirks;
+pub mod ram_exit;
 pub mod state;
 pub mod xsave;
 
@@ -116,6 +117,10 @@ enum Woken {
     Event,
 }
 
+/// How many times in a row an emulation failure at one RIP that the fix-ups do not know is run
+/// again before it stops the VM.
+const UNKNOWN_RETRIES: u32 = 8;
+
 extern "C" fn noop_handler(_: libc::c_int) {}
 
 /// Installs the no-op handler for the kick signal (without SA_RESTART, so KVM_RUN returns EINTR).
@@ -176,6 +181,8 @@ impl Vcpu {
         // Parked on HLT (kept across a pause, so a halted vCPU does not wake up spuriously).
         let mut halted = self.halted;
         let mut exits: u64 = 0;
+        // The last unknown emulation failure: (RIP, times run again in a row).
+        let mut unknown: Option<(u64, u32)> = None;
         self.control.shared.set_activity(Activity::Running);
         loop {
             if self.stop.stopped() {
@@ -225,6 +232,19 @@ impl Vcpu {
                     self.stats.count(Exit::Pio);
                     self.devices.pio_write(port, data);
                 }
+                Ok(VcpuExit::MmioRead(addr, data)) if ram_exit::is_ram(&self.mem, addr) => {
+                    ram_exit::log_count(idx, addr, self.stats.count(Exit::RamAccess));
+                    if let Err(e) = ram_exit::read(&self.mem, addr, data) {
+                        log::warn!("vCPU {idx}: {e}");
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if ram_exit::is_ram(&self.mem, addr) => {
+                    ram_exit::log_count(idx, addr, self.stats.count(Exit::RamAccess));
+                    if let Err(e) = ram_exit::write(&self.mem, addr, data, self.zap.as_deref()) {
+                        log::warn!("vCPU {idx}: {e}");
+                    }
+                }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     self.stats.count(mmio_kind(addr));
                     self.devices.mmio_read(idx, addr, data);
@@ -237,7 +257,9 @@ impl Vcpu {
                     self.stats.count(Exit::Hlt);
                     halted = true;
                 }
-                Ok(VcpuExit::IrqWindowOpen) => self.stats.count(Exit::IrqWindow),
+                Ok(VcpuExit::IrqWindowOpen) => {
+                    self.stats.count(Exit::IrqWindow);
+                }
                 Ok(VcpuExit::X86Rdmsr(m)) => {
                     self.stats.count(Exit::Msr);
                     match read_apic_msr(&self.lapic, m.index) {
@@ -270,8 +292,31 @@ impl Vcpu {
                             format!("KVM internal error, suberror {suberror}"),
                         ));
                     }
-                    quirks::handle_emulation_failure(&self.fd, &self.mem, &self.fixups)
-                        .map_err(|e| Error::Quirk(idx, e))?;
+                    match quirks::handle_emulation_failure(&self.fd, &self.mem, &self.fixups) {
+                        Ok(_) => unknown = None,
+                        // KVM's emulator also fails when a guest memory access of its own
+                        // (a locked compare-exchange, an instruction fetch) was cut short by a
+                        // signal while waiting for the DSM (see `ram_exit`): nothing of the
+                        // instruction was done, so running it again is safe. Only the same
+                        // failure over and over is an instruction nobody can run.
+                        Err(quirks::Error::Unknown { rip, .. })
+                            if unknown.is_none_or(|(at, n)| at != rip || n < UNKNOWN_RETRIES) =>
+                        {
+                            let n = match unknown {
+                                Some((at, n)) if at == rip => n + 1,
+                                _ => 1,
+                            };
+                            unknown = Some((rip, n));
+                            let all = self.stats.count(Exit::EmulationRetry);
+                            if all.is_power_of_two() {
+                                log::info!(
+                                    "vCPU {idx}: unknown emulation failure at {rip:#x} run again \
+                                     ({n} in a row here, {all} in all)"
+                                );
+                            }
+                        }
+                        Err(e) => return Err(Error::Quirk(idx, e)),
+                    }
                 }
                 Ok(VcpuExit::Shutdown) => {
                     log::warn!("vCPU {idx}: triple fault");

@@ -706,7 +706,9 @@ impl Vm {
                     chip.local_lapics(),
                 ));
                 let z2 = z.clone();
-                d.set_discard_hook(Box::new(move |gpa, page| z2.on_discard(gpa, page)));
+                d.set_discard_hook(Box::new(move |gpa, page| {
+                    z2.on_changed_behind_kvm(gpa, page)
+                }));
                 Some(z)
             }
             _ => None,
@@ -1016,7 +1018,11 @@ impl Running {
             drop(dsm.take());
         }
         if let Some(z) = &zap {
-            log::info!("shadow page tables dropped {} time(s)", z.zaps());
+            log::info!(
+                "shadow page tables dropped {} time(s), deferred {} time(s)",
+                z.zaps(),
+                z.deferred()
+            );
         }
         let reason = stop
             .reason()

@@ -2,12 +2,15 @@
 //!
 //! For each size the lean kernel boots with 2 vCPUs; the guest dirties about 60 % of its RAM
 //! (`ssi-check --mem`, which leaves its pattern in the freed pages), then prints a tick a
-//! second. At the second tick `ssi-vmm snapshot NAME DIR --stop` runs; its wall time is the
-//! guest's pause (a `run` VM is paused from the pause to the commit). The data written (the
-//! manifest's data pages) over that time is the snapshot's write rate, shown next to `dd`'s
-//! sequential write rate (`conv=fsync`) of as many bytes into the same directory. Then copies
-//! of the snapshot are restored eagerly (`restore DIR`: verify every page, load, start) and
-//! lazily (`restore DIR --lazy`: a 1-host cluster whose vCPUs start before RAM is loaded), each
+//! second. At the second tick `ssi-vmm snapshot NAME DIR` takes a full snapshot (the VM goes
+//! on); its wall time is the guest's pause (a `run` VM is paused from the pause to the
+//! commit). The data written (the manifest's data pages) over that time is the snapshot's
+//! write rate, shown next to `dd`'s sequential write rate (`conv=fsync`) of as many bytes into
+//! the same directory. After the third tick the guest dirties another eighth of its RAM
+//! (`ssi-check --mem`); at the fifth, `snapshot NAME DIR2 --incremental DIR --stop` takes an
+//! incremental one (size and time next to the full one's). Then copies of the full snapshot
+//! are restored eagerly (`restore DIR`: verify every page, load, start) and lazily
+//! (`restore DIR --lazy`: a 1-host cluster whose vCPUs start before RAM is loaded), each
 //! measured from the command's start to the VMM's "guest running" log line (the first guest
 //! instruction) and to the next console line (the next tick).
 
@@ -117,21 +120,42 @@ pub fn run(sizes: &[u64]) -> usize {
     let base = std::env::temp_dir().join(format!("ssi-bench-snap-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let mut failed = 0;
-    println!("| guest RAM | data written | snapshot (pause) | write rate | dd rate | ratio | eager: running / next line | lazy: running / next line |");
+    println!(
+        "| guest RAM | full: data, time (pause) | write rate | dd rate | ratio | \
+         incremental: guest dirtied, data, time | eager restore: running / next line | \
+         lazy restore: running / next line |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for &mib in sizes {
         let dir = base.join(format!("{mib}"));
         let state = dir.join("state");
         let _ = std::fs::create_dir_all(&state);
         let snap = dir.join("snap");
+        let incr = dir.join("incr");
         let fill = mib * 6 / 10;
+        let dirty = mib / 8;
         let cmd = format!(
             "ssi.cmd=ssi-check+--mem+{fill}+--seconds+1+--threads+1+>/dev/null;i=0;\
-             while+[+$i+-lt+5+];do+i=$((i%2B1));echo+SSI-TICK=$i;sleep+1;done"
+             while+[+$i+-lt+8+];do+i=$((i%2B1));echo+SSI-TICK=$i;\
+             [+$i+=+3+]&&ssi-check+--mem+{dirty}+--seconds+1+--threads+1+>/dev/null;\
+             sleep+1;done"
         );
         let name = format!("bench-snap-{mib}");
-        let mut took: Option<(bool, Duration)> = None;
+        // (ok, wall time) of the full and the incremental snapshot.
+        let mut full: Option<(bool, Duration)> = None;
+        let mut inc: Option<(bool, Duration)> = None;
         let mem = format!("{mib}M");
+        let snapshot = |extra: &[&str]| {
+            let t = Instant::now();
+            let ok = Command::new(vmm_bin())
+                .arg("snapshot")
+                .arg(&name)
+                .args(extra)
+                .env("SSI_VMM_STATE_DIR", &state)
+                .status()
+                .is_ok_and(|s| s.success());
+            (ok, t.elapsed())
+        };
         let first = run_vmm_with(
             &[
                 "run",
@@ -149,27 +173,37 @@ pub fn run(sizes: &[u64]) -> usize {
                 &name,
             ],
             &[("SSI_VMM_STATE_DIR", state.as_path())],
-            &["SSI-TICK=2"],
+            &["SSI-TICK=2", "SSI-TICK=5"],
             Duration::from_secs(1800),
-            &mut |_, _| {
-                let t = Instant::now();
-                let ok = Command::new(vmm_bin())
-                    .args([
-                        "snapshot",
-                        &name,
+            &mut |mark, _| {
+                if mark == "SSI-TICK=2" {
+                    full = Some(snapshot(&[snap.to_str().unwrap_or_default()]));
+                } else {
+                    inc = Some(snapshot(&[
+                        incr.to_str().unwrap_or_default(),
+                        "--incremental",
                         snap.to_str().unwrap_or_default(),
                         "--stop",
-                    ])
-                    .env("SSI_VMM_STATE_DIR", &state)
-                    .status()
-                    .is_ok_and(|s| s.success());
-                took = Some((ok, t.elapsed()));
+                    ]));
+                }
             },
         );
-        let Some((true, pause)) = took else {
+        let Some((true, pause)) = full else {
             eprintln!("{mib} MiB: no snapshot:\n{}", first.stderr);
             failed += 1;
             continue;
+        };
+        let inc_cell = match inc {
+            Some((true, t)) => format!(
+                "{dirty} MiB, {:.0} MiB, {:.2} s",
+                data_bytes(&incr).unwrap_or(0) as f64 / 1048576.0,
+                t.as_secs_f64()
+            ),
+            _ => {
+                eprintln!("{mib} MiB: no incremental snapshot:\n{}", first.stderr);
+                failed += 1;
+                "failed".into()
+            }
         };
         let bytes = data_bytes(&snap).unwrap_or(0);
         let rate = bytes as f64 / pause.as_secs_f64() / 1e6;
@@ -194,7 +228,7 @@ pub fn run(sizes: &[u64]) -> usize {
             ));
         }
         println!(
-            "| {mib} MiB | {:.0} MiB | {:.2} s | {rate:.0} MB/s | {} | {} | {} | {} |",
+            "| {mib} MiB | {:.0} MiB, {:.2} s | {rate:.0} MB/s | {} | {} | {inc_cell} | {} | {} |",
             bytes as f64 / 1048576.0,
             pause.as_secs_f64(),
             dd.map_or("?".into(), |d| format!("{d:.0} MB/s")),
