@@ -216,6 +216,7 @@ fn a_two_host_snapshot_restores_onto_one_two_and_three_hosts() {
         let kill_at = format!("SSI-COUNT={} ", last + 1);
         let pids_file = state.join(&rname).join("pids");
         let mut killed = None;
+        let mut planted = false;
         let second = run_vmm_with(
             &args,
             &[("SSI_VMM_STATE_DIR", state.as_path())],
@@ -242,16 +243,22 @@ fn a_two_host_snapshot_restores_onto_one_two_and_three_hosts() {
                 while complete().len() < 2 && t.elapsed() < Duration::from_secs(120) {
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                // A newer checkpoint cut short (its memory file truncated) and a partial one:
-                // neither may be used.
-                if let Some(good) = complete().first() {
+                // A newer checkpoint cut short (a copy of the one with the most data, its
+                // memory file truncated) and a partial one: neither may be used.
+                let size = |p: &Path| std::fs::metadata(p.join("memory-h0")).map_or(0, |m| m.len());
+                if let Some(good) = complete().into_iter().max_by_key(|p| size(p)) {
                     let broken = ckpt.join("ckpt-998");
-                    let _ = Command::new("cp").arg("-a").arg(good).arg(&broken).status();
+                    let _ = Command::new("cp")
+                        .arg("-a")
+                        .arg(&good)
+                        .arg(&broken)
+                        .status();
                     if let Ok(f) = std::fs::OpenOptions::new()
                         .write(true)
                         .open(broken.join("memory-h0"))
                     {
-                        let _ = f.set_len(f.metadata().map_or(0, |m| m.len() / 2));
+                        let half = size(&broken) / 2;
+                        planted = f.set_len(half).is_ok() && half > 0;
                     }
                     let _ = std::fs::create_dir_all(ckpt.join("ckpt-999.tmp-1"));
                 }
@@ -284,6 +291,7 @@ fn a_two_host_snapshot_restores_onto_one_two_and_three_hosts() {
                 .stderr
                 .find(&format!("restarting {rname} from checkpoint"))
                 .unwrap_or_else(|| panic!("no restart:\n{}", second.stderr));
+            assert!(planted, "a truncated checkpoint was planted");
             assert!(
                 second.stderr.contains("incremental on ckpt-"),
                 "an incremental checkpoint:\n{}",
